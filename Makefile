@@ -1,0 +1,29 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# The whole suite, slow end-to-end tests included (CI runs this).
+test: venv
+	RAY_USAGE_STATS_ENABLED=0 RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -x -q
+
+# Everything but the tests marked slow.
+test-fast: venv
+	RAY_USAGE_STATS_ENABLED=0 RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -x -q -m "not slow"
+
+demo: venv
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/unibct-ray demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

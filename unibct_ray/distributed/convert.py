@@ -1,0 +1,88 @@
+"""``data convert``: an MS1M ``.rec`` -> Parquet shard set, as parallel Ray tasks over key ranges.
+
+On a cluster the ``.rec``/``.idx`` and the output directory must sit on a file system every
+node sees (NFS, a mounted bucket): each task maps the ``.rec`` and writes its own shard.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from unibct_ray.data import ms1m
+from unibct_ray.data.convert import RangeResult, convert_range, plan_ranges
+from unibct_ray.data.recordio import RecordIOReader
+from unibct_ray.data.shards import Manifest, StagedDir, read_manifest, shard_name, write_manifest
+from unibct_ray.distributed.runtime import unwrap_task_error
+
+__all__ = ["convert_rec"]
+
+
+@ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)
+def _convert_task(reader: RecordIOReader, out_path: str, verify: str) -> RangeResult:
+    with reader:
+        return convert_range(reader, reader.keys, Path(out_path), verify)
+
+
+def convert_rec(
+    rec: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    idx: str | os.PathLike | None = None,
+    rows_per_shard: int = 50_000,
+    verify: str = "signature",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Convert an MS1M-layout ``.rec`` into a shard set at ``out`` (atomically).
+
+    Requires a connected Ray (see ``ensure_ray``). Shards hold consecutive image keys, so the
+    set keeps the record (= class) order that ``data split`` relies on.
+    """
+    reader = RecordIOReader(rec, idx)
+    with reader:
+        header = ms1m.read_ms1m_header(reader)
+        keys = ms1m.image_keys(reader, header)
+    ranges = plan_ranges(len(keys), rows_per_shard)
+    with StagedDir(out, overwrite=overwrite) as stage:
+        pending = {}
+        for i, (s, e) in enumerate(ranges):
+            ref = _convert_task.remote(reader.subset(keys[s:e]), str(stage.path / shard_name(i)), verify)
+            pending[ref] = (i, e - s)
+        results: dict[int, RangeResult] = {}
+        bar = tqdm(total=len(keys), unit="img", desc="convert", disable=not progress, smoothing=0.05)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                i, n = pending.pop(done[0])
+                results[i] = ray.get(done[0])
+                bar.update(n)
+        except ray.exceptions.RayTaskError as err:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise unwrap_task_error(err) from None
+        finally:
+            bar.close()
+        shards = [results[i].shard for i in range(len(ranges))]
+        labels = np.unique(np.concatenate([r.labels for r in results.values()])) if results else np.zeros(0)
+        write_manifest(
+            stage.path,
+            shards,
+            rows=len(keys),
+            classes=len(labels),
+            columns=["image", "label", "index"],
+            label_max=int(labels.max()) if len(labels) else -1,
+            source={
+                "rec": str(Path(rec).resolve()),
+                "idx": str(reader.idx_path.resolve()),
+                "rec_bytes": reader.size,
+                "header": [header.image_end, header.second],
+            },
+            verify=verify,
+        )
+        final = stage.commit()
+    return read_manifest(final)

@@ -1,0 +1,21 @@
+"""Exceptions a user can cause. The CLI prints them as one line and exits non-zero."""
+
+from __future__ import annotations
+
+__all__ = ["UserError", "DataFormatError", "ConfigError"]
+
+
+class UserError(Exception):
+    """An error caused by the user's input (a file, a flag, a config key).
+
+    The message must name the file/record/key and say what is wrong; the CLI prints it
+    as a single line without a traceback (unless ``--debug``).
+    """
+
+
+class DataFormatError(UserError, ValueError):
+    """A data file does not have the format it claims (RecordIO, Parquet shard, IJB-C meta)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, impossible value)."""
