@@ -1,0 +1,21 @@
+"""Shared fixtures: one local Ray for the whole session (start-up costs seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 4 logical CPUs (more than the 2 cores: see ARCHITECTURE §8)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,143 @@
+"""``unibct-ray bench``: measured speed figures, side by side in one run.
+
+``bench convert``: builds a synthetic MS1M ``.rec`` of a given size and times ``data convert``
+against a plain sequential read of the same file (a straight ``open``/``read`` loop that
+parses every record, as a user would write it). The ratio is convert throughput / read
+throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["add_bench_parser", "plain_sequential_read", "bench_convert"]
+
+
+def plain_sequential_read(rec_path: Path) -> tuple[int, int]:
+    """Read every record of a ``.rec`` in file order -> (records, image bytes).
+
+    Independent of the project's reader on purpose: buffered ``read`` calls, chunk joining
+    and IRHeader parsing written out plainly.
+    """
+    magic = 0xCED7230A
+    records = image_bytes = 0
+    with open(rec_path, "rb", buffering=1 << 20) as f:
+        pending = b""
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            m, lrec = struct.unpack("<II", head)
+            if m != magic:
+                raise ValueError(f"{rec_path}: bad magic at {f.tell() - 8}")
+            cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+            data = f.read(length)
+            f.read((4 - length % 4) % 4)
+            if cflag == 0:
+                payload = data
+            elif cflag == 1:
+                pending = data
+                continue
+            else:
+                pending += struct.pack("<I", magic) + data
+                if cflag == 2:
+                    continue
+                payload, pending = pending, b""
+            flag = struct.unpack_from("<I", payload)[0]
+            image_bytes += len(payload) - 24 - 4 * flag
+            records += 1
+    return records, image_bytes
+
+
+def _build_rec(path: Path, gb: float, size: int, images_per_class: int, seed: int) -> dict:
+    from unibct_ray.data.ms1m import write_ms1m
+    from unibct_ray.data.synth import SynthSpec, render_training_images
+
+    spec = SynthSpec(size=size, seed=seed)
+    pool: list[bytes] = []
+    for ident in range(40):
+        pool.extend(render_training_images(spec, ident, 10))
+    mean = float(np.mean([len(p) for p in pool]))
+    n = int(math.ceil(gb * 1e9 / (mean + 40)))
+
+    def images():
+        for i in range(n):
+            yield i // images_per_class, pool[(i * 7919) % len(pool)]
+
+    t = time.perf_counter()
+    write_ms1m(path, images())
+    return {"images": n, "classes": -(-n // images_per_class), "mean_jpeg_bytes": round(mean),
+            "rec_bytes": path.stat().st_size, "write_s": round(time.perf_counter() - t, 2)}
+
+
+def bench_convert(out: Path, gb: float, size: int, rows_per_shard: int, repeats: int, keep: bool) -> dict:
+    import ray
+
+    from unibct_ray.distributed.convert import convert_rec
+    from unibct_ray.distributed.runtime import ensure_ray
+
+    out.mkdir(parents=True, exist_ok=True)
+    rec = out / "train.rec"
+    info = _build_rec(rec, gb, size, images_per_class=50, seed=0) if not rec.exists() else {"rec_bytes": rec.stat().st_size}
+    t = time.perf_counter()
+    ensure_ray()
+    ray_start = time.perf_counter() - t
+    runs = []
+    for r in range(repeats):
+        t = time.perf_counter()
+        n, nbytes = plain_sequential_read(rec)
+        seq = time.perf_counter() - t
+        dst = out / "shards"
+        t = time.perf_counter()
+        m = convert_rec(rec, dst, rows_per_shard=rows_per_shard, overwrite=True, progress=False)
+        conv = time.perf_counter() - t
+        assert m.rows == n - 1 - m.classes, (m.rows, n, m.classes)  # records = images + header + identities
+        runs.append({"sequential_read_s": round(seq, 2), "convert_s": round(conv, 2),
+                     "ratio": round(seq / conv, 3)})
+    result = {
+        "rec": info,
+        "cpus": ray.cluster_resources().get("CPU"),
+        "ray_start_s": round(ray_start, 2),
+        "rows_per_shard": rows_per_shard,
+        "shards": len(m.shards),
+        "runs": runs,
+        "sequential_MB_per_s": round(info["rec_bytes"] / 1e6 / runs[-1]["sequential_read_s"], 1),
+        "convert_MB_per_s": round(info["rec_bytes"] / 1e6 / runs[-1]["convert_s"], 1),
+        "convert_images_per_s": round(m.rows / runs[-1]["convert_s"]),
+    }
+    if not keep:
+        shutil.rmtree(out / "shards", ignore_errors=True)
+    return result
+
+
+def _cmd_bench_convert(a: argparse.Namespace) -> int:
+    res = bench_convert(a.out, a.gb, a.size, a.rows_per_shard, a.repeats, a.keep)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
+    bench = sub.add_parser("bench", help="speed benchmarks (figures quoted in the README)",
+                           description="Speed benchmarks, measured side by side in one run.")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    p = bsub.add_parser(
+        "convert", formatter_class=formatter,
+        help="data convert vs a plain sequential read of the same .rec",
+        description="Build a synthetic MS1M .rec of --gb gigabytes (reused if OUT/train.rec exists)\n"
+                    "and time `data convert` (Ray tasks, Ray already started) against a plain\n"
+                    "sequential read of the same file. Prints JSON; ratio = read time / convert time.")
+    p.add_argument("--out", type=Path, default=Path("bench_out/convert"), help="working directory")
+    p.add_argument("--gb", type=float, default=1.0, help="size of the synthetic .rec in GB (1e9 bytes)")
+    p.add_argument("--size", type=int, default=112, help="image side in pixels")
+    p.add_argument("--rows-per-shard", type=int, default=50_000, help="as in `data convert`")
+    p.add_argument("--repeats", type=int, default=2, help="alternating read/convert rounds")
+    p.add_argument("--keep", action="store_true", help="keep the converted shards")
+    p.set_defaults(run=_cmd_bench_convert)

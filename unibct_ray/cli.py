@@ -1,0 +1,205 @@
+"""``unibct-ray``: the command line. Each subcommand's ``--help`` explains its inputs/outputs.
+
+Errors a user can cause (a bad file, flag or config) print one line naming the file and the
+problem and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from unibct_ray.errors import UserError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USER_ERROR = 2
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _sub(subparsers: argparse._SubParsersAction, name: str, help: str, description: str,
+         run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+    p.set_defaults(run=run)
+    return p
+
+
+def _ray_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of a local Ray (default: max(4, 2 x cores))")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------- data synth
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from unibct_ray.data.synth import SynthSpec
+    from unibct_ray.distributed.runtime import ensure_ray
+    from unibct_ray.distributed.synth import synthesize
+
+    spec = SynthSpec(
+        identities=a.identities,
+        images_per_identity=a.images_per_identity,
+        size=a.size,
+        seed=a.seed,
+        count_spread=a.count_spread,
+        eval_identities=a.eval_identities,
+        probes_per_identity=a.probes_per_identity,
+        impostor_pairs=a.impostor_pairs,
+        strength=a.strength,
+    )
+    spec.validate()
+    ensure_ray(a.address, num_cpus=a.num_cpus)
+    summary = synthesize(spec, a.out, overwrite=a.overwrite, progress=not a.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- data convert
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from unibct_ray.distributed.convert import convert_rec
+    from unibct_ray.distributed.runtime import ensure_ray
+
+    ensure_ray(a.address, num_cpus=a.num_cpus)
+    m = convert_rec(a.rec, a.out, idx=a.idx, rows_per_shard=a.rows_per_shard, verify=a.verify,
+                    overwrite=a.overwrite, progress=not a.no_progress)
+    print(f"wrote {m.rows} images of {m.classes} classes in {len(m.shards)} shards to {m.path}")
+    return 0
+
+
+# ---------------------------------------------------------------- data split
+def _cmd_split(a: argparse.Namespace) -> int:
+    from unibct_ray.data.splits import split_shards
+
+    s = split_shards(a.src, a.scenario, a.ratio, a.out, overwrite=a.overwrite, progress=not a.no_progress)
+    print(f"{a.scenario} r={a.ratio}: old {s['old']['rows']} images / {s['old']['classes']} classes, "
+          f"new {s['new']['rows']} images / {s['new']['classes']} classes -> {a.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from unibct_ray.demo import run_demo
+
+    return run_demo(Path(a.out), overwrite=a.overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unibct-ray",
+        description="Backward-compatible embedding training (UniBCT) and IJB-C evaluation on Ray.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="prepare data: synth | convert | split",
+                          description="Prepare training and evaluation data.")
+    dsub = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
+
+    p = _sub(dsub, "synth", "render a synthetic MS1M .rec/.idx and an IJB-C folder",
+             "Render synthetic identities in the real formats, so every later step runs the same\n"
+             "code as on MS1Mv3/IJB-C.\n\n"
+             "Writes (atomically: nothing appears under --out until all is written):\n"
+             "  OUT/train.rec, OUT/train.idx   MS1M layout: record 0 header, JPEG image records\n"
+             "                                 (keys 1..n, class order), identity records\n"
+             "  OUT/IJBC/loose_crop/*.jpg      unaligned evaluation faces (disjoint identities)\n"
+             "  OUT/IJBC/meta/*                ijbc_face_tid_mid.txt, ijbc_name_5pts_score.txt,\n"
+             "                                 ijbc_template_pair_label.txt, ijbc_1N_*.csv\n"
+             "  OUT/synth.json                 the settings, so the set can be re-rendered\n"
+             "Deterministic for a given --seed, whatever the number of Ray workers.",
+             _cmd_synth)
+    p.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    p.add_argument("--identities", type=int, default=200, help="training identities (classes)")
+    p.add_argument("--images-per-identity", type=int, default=20, help="mean training images per identity")
+    p.add_argument("--count-spread", type=float, default=0.5,
+                   help="images per identity vary uniformly in K*(1 +- spread) (0: exactly K)")
+    p.add_argument("--size", type=int, default=112, help="side of the aligned training crops in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--eval-identities", type=int, default=200, help="IJB-C subjects (disjoint from training)")
+    p.add_argument("--probes-per-identity", type=int, default=3, help="IJB-C probe templates per subject")
+    p.add_argument("--impostor-pairs", type=int, default=20_000, help="IJB-C 1:1 impostor pairs (at most)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="nuisance strength (0 = clean canonical faces; 1 = benchmark default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _ray_flags(p)
+
+    p = _sub(dsub, "convert", "MS1M train.rec/.idx -> Parquet shards",
+             "Convert an insightface MS1M RecordIO file (train.rec + train.idx; no mxnet needed)\n"
+             "into Parquet shards, as parallel Ray tasks over key ranges.\n\n"
+             "Writes OUT/part-NNNNN.parquet (columns: image = JPEG bytes as stored, label = int64\n"
+             "class, index = int64 record key; consecutive keys, so class order is kept) and\n"
+             "OUT/manifest.json (rows, classes, shards, source file and size). OUT appears only\n"
+             "when complete. On a cluster, the .rec and OUT must be on storage all nodes see.",
+             _cmd_convert)
+    p.add_argument("--rec", required=True, type=Path, help="path to train.rec")
+    p.add_argument("--idx", type=Path, default=None, help="path to train.idx (default: beside --rec)")
+    p.add_argument("--out", required=True, type=Path, help="output shard directory (must not exist)")
+    p.add_argument("--rows-per-shard", type=int, default=50_000, help="images per Parquet shard")
+    p.add_argument("--verify", choices=["signature", "header", "decode"], default="signature",
+                   help="image check: JPEG/PNG signature (free), parse the header (~70 us/img), or "
+                        "fully decode (~370 us/img)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _ray_flags(p)
+
+    p = _sub(dsub, "split", "old/new training sets for an upgrade scenario",
+             "Split a shard set into the old model's and the new model's training sets:\n"
+             "  extended-data   old: first r of each class's images   new: everything\n"
+             "  extended-class  old: first r of the classes           new: everything\n"
+             "  open-data       old: first r of each class's images   new: the other images\n"
+             "  open-class      old: first r of the classes           new: the other classes\n"
+             "'first' is record order; counts use Python rounding (half to even) and a class\n"
+             "with one image is in both data halves, reproducing the public MS1Mv3 splits.\n\n"
+             "Writes OUT/old/ and OUT/new/ (shard sets: label contiguous 0..C-1 within each set,\n"
+             "source_label = class in --src) and OUT/manifest.json with the counts.",
+             _cmd_split)
+    p.add_argument("--src", required=True, type=Path, help="shard set written by `data convert`")
+    p.add_argument("--scenario", required=True,
+                   choices=["extended-data", "extended-class", "open-data", "open-class"])
+    p.add_argument("--ratio", type=float, default=0.3, help="split ratio r")
+    p.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = _sub(sub, "demo", "the embedded default end to end on local Ray",
+             "Run the main job on the embedded default: synthetic data, local Ray, CPU.",
+             _cmd_demo)
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="working directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    from unibct_ray.bench import add_bench_parser
+
+    add_bench_parser(sub, _Formatter)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"unibct-ray: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # unwritable output, disk full, permission denied on an input
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"unibct-ray: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("unibct-ray: interrupted (no partial output was kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
