@@ -69,7 +69,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
     ensure_ray(a.address, num_cpus=a.num_cpus)
     m = convert_rec(a.rec, a.out, idx=a.idx, rows_per_shard=a.rows_per_shard, verify=a.verify,
-                    overwrite=a.overwrite, progress=not a.no_progress)
+                    overwrite=a.overwrite, progress=not a.no_progress, parallelism=a.parallelism)
     print(f"wrote {m.rows} images of {m.classes} classes in {len(m.shards)} shards to {m.path}")
     return 0
 
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", choices=["signature", "header", "decode"], default="signature",
                    help="image check: JPEG/PNG signature (free), parse the header (~70 us/img), or "
                         "fully decode (~370 us/img)")
+    p.add_argument("--parallelism", type=int, default=None,
+                   help="conversion tasks in flight (default: the Ray cluster's CPU count)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _ray_flags(p)
 

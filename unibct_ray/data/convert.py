@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from unibct_ray.data import ms1m
 from unibct_ray.data.recordio import RecordIOReader
-from unibct_ray.data.shards import SHARD_SCHEMA, ShardInfo, write_shard
+from unibct_ray.data.shards import ROW_GROUP_ROWS, SHARD_SCHEMA, ShardInfo, ShardWriter
 from unibct_ray.errors import DataFormatError
 
 __all__ = ["VERIFY_MODES", "RangeResult", "plan_ranges", "check_image", "convert_range"]
@@ -53,15 +53,16 @@ def convert_range(reader: RecordIOReader, keys: np.ndarray, out_path: Path, veri
     """Read image records ``keys`` (int64 [k]) and write them as one Parquet shard."""
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-    images: list[bytes] = []
-    labels = np.empty(len(keys), np.int64)
-    for i, key in enumerate(keys.tolist()):
-        label, img = ms1m.read_image(reader, key)
-        check_image(img, verify, f"{reader.rec_path} key {key}")
-        labels[i] = label
-        images.append(img)
-    table = pa.table(
-        {"image": pa.array(images, pa.binary()), "label": labels, "index": np.asarray(keys, np.int64)},
-        schema=SHARD_SCHEMA,
-    )
-    return RangeResult(write_shard(out_path, table), np.unique(labels))
+    keys = np.asarray(keys, np.int64)
+    seen: list[np.ndarray] = []
+    with ShardWriter(out_path, SHARD_SCHEMA) as w:
+        for s in range(0, len(keys), ROW_GROUP_ROWS):
+            block = keys[s : s + ROW_GROUP_ROWS]
+            labels, images = ms1m.read_images_arrow(reader, block)
+            if verify != "signature":
+                for key, img in zip(block.tolist(), images):
+                    check_image(img.as_py(), verify, f"{reader.rec_path} key {key}")
+            w.write(pa.table({"image": images, "label": labels, "index": block}, schema=SHARD_SCHEMA))
+            seen.append(np.unique(labels))
+        info = w.close()
+    return RangeResult(info, np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64))

@@ -37,6 +37,7 @@ __all__ = [
     "StagedDir",
     "shard_name",
     "write_shard",
+    "ShardWriter",
     "write_manifest",
     "read_manifest",
     "read_columns",
@@ -91,23 +92,56 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _parquet_options(columns: list[str]) -> dict[str, Any]:
+    # Images are JPEG already: compressing them again costs CPU for ~0 bytes saved, and min/max
+    # statistics of 4 KB blobs are useless, so both apply to the integer columns only.
+    return {
+        "compression": {c: ("none" if c == "image" else "zstd") for c in columns},
+        "use_dictionary": [c for c in columns if c in ("label", "source_label")],  # index is unique per row
+        "write_statistics": [c for c in columns if c != "image"],
+    }
+
+
+class ShardWriter:
+    """Stream record batches into one Parquet shard; the file appears (renamed) on ``close``.
+
+    Memory stays at one row group however large the shard: the converter's hot path.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self._writer = pq.ParquetWriter(self._tmp, schema, **_parquet_options(schema.names))
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.rows += table.num_rows
+
+    def close(self) -> ShardInfo:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return ShardInfo(self.path.name, self.rows, self.path.stat().st_size)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
 def write_shard(path: Path, table: pa.Table) -> ShardInfo:
     """Write one Parquet shard atomically (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        # Images are JPEG already: compressing them again costs CPU for ~0 bytes saved, so only
-        # the integer columns are compressed.
-        pq.write_table(
-            table,
-            tmp,
-            row_group_size=ROW_GROUP_ROWS,
-            compression={c: ("none" if c == "image" else "zstd") for c in table.column_names},
-            use_dictionary=[c for c in table.column_names if c != "image"],
-        )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return ShardInfo(path.name, table.num_rows, path.stat().st_size)
+    with ShardWriter(path, table.schema) as w:
+        w.write(table)
+        return w.close()
 
 
 class StagedDir:

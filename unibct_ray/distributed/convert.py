@@ -37,26 +37,34 @@ def convert_rec(
     verify: str = "signature",
     overwrite: bool = False,
     progress: bool = True,
+    parallelism: int | None = None,
 ) -> Manifest:
     """Convert an MS1M-layout ``.rec`` into a shard set at ``out`` (atomically).
 
     Requires a connected Ray (see ``ensure_ray``). Shards hold consecutive image keys, so the
-    set keeps the record (= class) order that ``data split`` relies on.
+    set keeps the record (= class) order that ``data split`` relies on. ``parallelism``
+    bounds the tasks in flight (default: the cluster's CPUs).
     """
     reader = RecordIOReader(rec, idx)
     with reader:
         header = ms1m.read_ms1m_header(reader)
         keys = ms1m.image_keys(reader, header)
     ranges = plan_ranges(len(keys), rows_per_shard)
+    if parallelism is None:
+        parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
     with StagedDir(out, overwrite=overwrite) as stage:
-        pending = {}
-        for i, (s, e) in enumerate(ranges):
-            ref = _convert_task.remote(reader.subset(keys[s:e]), str(stage.path / shard_name(i)), verify)
-            pending[ref] = (i, e - s)
+        todo = list(enumerate(ranges))[::-1]
+        pending: dict = {}
         results: dict[int, RangeResult] = {}
         bar = tqdm(total=len(keys), unit="img", desc="convert", disable=not progress, smoothing=0.05)
         try:
-            while pending:
+            while todo or pending:
+                # A bounded number in flight: submitting every range at once would queue
+                # thousands of task specs and make the progress bar meaningless.
+                while todo and len(pending) < parallelism:
+                    i, (s, e) = todo.pop()
+                    ref = _convert_task.remote(reader.subset(keys[s:e]), str(stage.path / shard_name(i)), verify)
+                    pending[ref] = (i, e - s)
                 done, _ = ray.wait(list(pending), num_returns=1)
                 i, n = pending.pop(done[0])
                 results[i] = ray.get(done[0])
