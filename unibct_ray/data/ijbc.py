@@ -1,0 +1,836 @@
+"""IJB-C metadata in the insightface layout: readers, validation and writers.
+
+Layout under a root directory (either the directory containing ``IJBC/`` or ``IJBC``
+itself)::
+
+    IJBC/meta/ijbc_face_tid_mid.txt          img_name template_id media_id
+    IJBC/meta/ijbc_name_5pts_score.txt       img_name x1 y1 ... x5 y5 score (same rows)
+    IJBC/meta/ijbc_template_pair_label.txt   t1 t2 label            (1 genuine, 0 impostor)
+    IJBC/meta/ijbc_1N_gallery_G1.csv         TEMPLATE_ID,SUBJECT_ID,FILENAME,... (header)
+    IJBC/meta/ijbc_1N_gallery_G2.csv
+    IJBC/meta/ijbc_1N_probe_mixed.csv
+    IJBC/loose_crop/<img_name>
+
+The text files are whitespace separated without a header. The pair file of the real
+benchmark has 15.7M lines (~300 MB), so purely numeric files are parsed with a chunked,
+vectorised numpy parser (``np.fromstring`` plus a byte-level field count per line) instead
+of ``np.loadtxt`` or a Python loop; the slow per-line path only runs to locate an error.
+
+Every format problem raises :class:`~unibct_ray.errors.DataFormatError` whose message names
+the file, the 1-based line number where there is one, and what is wrong. Blank lines are
+only tolerated at the end of a text file, so row ``i`` is always line ``i + 1``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unibct_ray.errors import DataFormatError, UserError
+
+__all__ = [
+    "TID_MID_FILE",
+    "PAIR_LABEL_FILE",
+    "NAME_5PTS_FILE",
+    "GALLERY1_FILE",
+    "GALLERY2_FILE",
+    "PROBE_FILE",
+    "TemplateSubjects",
+    "IJBCMeta",
+    "resolve_ijbc_dir",
+    "meta_dir",
+    "image_dir",
+    "read_ijbc_meta",
+    "read_tid_mid",
+    "read_5pts_score",
+    "read_pair_label",
+    "read_1n_csv",
+    "write_tid_mid",
+    "write_5pts_score",
+    "write_pair_label",
+    "write_1n_csv",
+]
+
+TID_MID_FILE = "ijbc_face_tid_mid.txt"
+PAIR_LABEL_FILE = "ijbc_template_pair_label.txt"
+NAME_5PTS_FILE = "ijbc_name_5pts_score.txt"
+GALLERY1_FILE = "ijbc_1N_gallery_G1.csv"
+GALLERY2_FILE = "ijbc_1N_gallery_G2.csv"
+PROBE_FILE = "ijbc_1N_probe_mixed.csv"
+
+#: Column headers the 1:N CSVs must contain (extra columns are ignored).
+_CSV_REQUIRED = ("TEMPLATE_ID", "SUBJECT_ID", "FILENAME")
+#: Header the writer emits; SIGHTING_ID is kept so files look like the real ones.
+_CSV_HEADER = ("TEMPLATE_ID", "SUBJECT_ID", "FILENAME", "SIGHTING_ID")
+
+# Bytes per parse chunk: big enough that numpy call overhead is negligible, small enough
+# that the per-chunk temporaries (bool masks per byte, int64 per field) stay ~200 MB.
+_CHUNK_BYTES = 1 << 25
+
+
+# --------------------------------------------------------------------------- data types
+
+
+@dataclass(frozen=True, eq=False)
+class TemplateSubjects:
+    """Unique templates of a 1:N list and their subject ids.
+
+    Attributes:
+        templates: int64 [g], sorted ascending, unique.
+        subjects: int64 [g], ``subjects[i]`` is the subject of ``templates[i]``.
+    """
+
+    templates: np.ndarray
+    subjects: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.templates.shape[0])
+
+    @classmethod
+    def empty(cls) -> TemplateSubjects:
+        """A list with no templates (used when 1:N meta is not read)."""
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+@dataclass(frozen=True, eq=False)
+class IJBCMeta:
+    """All IJB-C meta needed for 1:1 verification and 1:N identification.
+
+    Attributes:
+        root: the ``IJBC`` directory.
+        image_names: [n_img] file names relative to ``root / "loose_crop"``.
+        templates: int64 [n_img] template id of each image.
+        medias: int64 [n_img] media id of each image.
+        landmarks: float32 [n_img, 5, 2] five points (x, y) in the loose crop.
+        scores: float32 [n_img] detector score.
+        pairs: int64 [n_pairs, 2] template id pairs.
+        pair_labels: int8 [n_pairs], 1 genuine, 0 impostor.
+        gallery1, gallery2, probes: unique templates and subjects of the 1:N lists; empty
+            when read with ``with_1n=False`` (see :attr:`has_1n`).
+    """
+
+    root: Path
+    image_names: list[str]
+    templates: np.ndarray
+    medias: np.ndarray
+    landmarks: np.ndarray
+    scores: np.ndarray
+    pairs: np.ndarray
+    pair_labels: np.ndarray
+    gallery1: TemplateSubjects
+    gallery2: TemplateSubjects
+    probes: TemplateSubjects
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_names)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.pairs.shape[0])
+
+    @property
+    def image_dir(self) -> Path:
+        """Directory holding the images (``root / "loose_crop"``)."""
+        return self.root / "loose_crop"
+
+    @property
+    def has_1n(self) -> bool:
+        """Whether the 1:N gallery/probe lists were read."""
+        return len(self.gallery1) > 0 or len(self.gallery2) > 0 or len(self.probes) > 0
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_ijbc_dir(root: str | os.PathLike[str]) -> Path:
+    """Return the ``IJBC`` directory for ``root`` (its parent or the directory itself).
+
+    Raises:
+        UserError: neither ``root/IJBC/meta`` nor ``root/meta`` is a directory.
+    """
+    r = Path(root)
+    if (r / "IJBC" / "meta").is_dir():
+        return r / "IJBC"
+    if (r / "meta").is_dir():
+        return r
+    raise UserError(
+        f"{r} is not an IJB-C root: expected the directory {r / 'IJBC' / 'meta'} "
+        f"(root containing IJBC/) or {r / 'meta'} (the IJBC directory itself)"
+    )
+
+
+def meta_dir(root: str | os.PathLike[str]) -> Path:
+    """``<IJBC>/meta`` for either root form."""
+    return resolve_ijbc_dir(root) / "meta"
+
+
+def image_dir(root: str | os.PathLike[str]) -> Path:
+    """``<IJBC>/loose_crop`` for either root form."""
+    return resolve_ijbc_dir(root) / "loose_crop"
+
+
+# --------------------------------------------------------------------------- low-level parsing
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise DataFormatError(f"{path}: IJB-C meta file not found")
+    return path.read_bytes()
+
+
+def _fmt_token(tok: bytes | str) -> str:
+    s = tok.decode("utf-8", "replace") if isinstance(tok, bytes) else tok
+    return repr(s if len(s) <= 40 else s[:37] + "...")
+
+
+def _token_starts(buf: np.ndarray) -> np.ndarray:
+    """Positions (int64) of the first byte of every field in ``buf`` (uint8 [n_bytes]).
+
+    Bytes <= 0x20 (space, tab, CR, LF, ...) separate fields.
+    """
+    is_tok = buf > 32
+    starts = np.empty_like(is_tok)
+    starts[0] = is_tok[0]
+    np.greater(is_tok[1:], is_tok[:-1], out=starts[1:])  # field byte after a separator
+    return np.flatnonzero(starts)
+
+
+def _line_ends(buf: np.ndarray) -> np.ndarray:
+    """Newline position ending each line of ``buf``; ``len(buf)`` for an unterminated last line."""
+    ends = np.flatnonzero(buf == 10)
+    if buf[-1] != 10:
+        ends = np.append(ends, buf.size)
+    return ends
+
+
+def _regular_rows(starts: np.ndarray, line_ends: np.ndarray, n_fields: int) -> int | None:
+    """Number of rows if the first rows hold exactly ``n_fields`` fields and the rest are blank.
+
+    O(n) without per-line counting: with sorted field starts, line ``i`` holds fields
+    ``k*i .. k*i+k-1`` exactly when the last of them precedes newline ``i`` and the next
+    field follows it. Returns None when that fails (the caller then counts per line).
+    """
+    n_tok = starts.size
+    if n_tok % n_fields:
+        return None
+    rows = n_tok // n_fields
+    if rows > line_ends.size:
+        return None
+    if rows == 0:
+        return 0
+    if not np.all(starts[n_fields - 1 :: n_fields] < line_ends[:rows]):
+        return None
+    if not np.all(starts[n_fields::n_fields] > line_ends[: rows - 1]):
+        return None
+    return rows
+
+
+def _tokens_per_line(starts: np.ndarray, line_ends: np.ndarray) -> np.ndarray:
+    """Number of fields on each line, int64 [n_lines] (slow path, for locating errors)."""
+    return np.bincount(np.searchsorted(line_ends, starts), minlength=line_ends.size)
+
+
+def _diagnose_numeric(
+    lines: Iterable[bytes], first_line: int, lead_fields: int, kind: type, path: Path, layout: str
+) -> None:
+    """Slow path: raise for the first line whose fields do not parse as ``kind``."""
+    conv = int if kind is int else float
+    for offset, line in enumerate(lines):
+        for j, tok in enumerate(line.split()):
+            try:
+                conv(tok)
+                ok = b"_" not in tok  # Python accepts "1_000", numpy does not
+            except ValueError:
+                ok = False
+            if not ok:
+                what = "an integer" if kind is int else "a number"
+                raise DataFormatError(
+                    f"{path}, line {first_line + offset}: field {j + 1 + lead_fields} "
+                    f"{_fmt_token(tok)} is not {what} (expected '{layout}')"
+                )
+
+
+def _raise_layout_error(
+    counts: np.ndarray,
+    n_fields: int,
+    lead_fields: int,
+    lines_before: int,
+    pending_blank: int | None,
+    path: Path,
+    layout: str,
+) -> None:
+    """Raise for the first line of a chunk (fields per line ``counts``) that breaks the layout."""
+    filled = np.flatnonzero(counts)
+    if not filled.size:
+        return
+    if pending_blank is not None:
+        raise DataFormatError(f"{path}, line {pending_blank}: empty line")
+    bad = np.flatnonzero(counts[: filled[-1] + 1] != n_fields)
+    if bad.size:
+        i = int(bad[0])
+        what = "empty line" if counts[i] == 0 else (
+            f"expected {n_fields + lead_fields} fields ('{layout}'), "
+            f"found {int(counts[i]) + lead_fields}"
+        )
+        raise DataFormatError(f"{path}, line {lines_before + i + 1}: {what}")
+
+
+def _parse_numeric_table(
+    data: bytes,
+    n_fields: int,
+    dtype: type[np.generic],
+    path: Path,
+    layout: str,
+    lead_fields: int = 0,
+) -> np.ndarray:
+    """Parse whitespace-separated numbers, exactly ``n_fields`` per line.
+
+    Args:
+        data: the file contents.
+        n_fields: fields per line.
+        dtype: ``np.int64`` or ``np.float64``.
+        path, layout: for error messages (``layout`` describes one line, e.g. "t1 t2 label").
+        lead_fields: fields the caller already removed from the front of every line (the
+            image name); only shifts field numbers and counts in error messages.
+
+    Returns:
+        [n_rows, n_fields] array of ``dtype``; row ``i`` is line ``i + 1``.
+    """
+    kind: type = int if np.issubdtype(dtype, np.integer) else float
+    total = len(data)
+    # Upper bound on rows, so the result is filled in place instead of concatenated.
+    out = np.empty((data.count(b"\n") + 1, n_fields), dtype=dtype)
+    row = 0
+    lines_before = 0  # lines fully contained in earlier chunks
+    pending_blank: int | None = None  # 1-based number of a blank line seen so far
+    pos = 0
+    while pos < total:
+        end = min(pos + _CHUNK_BYTES, total)
+        if end < total:  # cut after a newline so no line straddles two chunks
+            nl = data.rfind(b"\n", pos, end)
+            if nl < 0:
+                nl = data.find(b"\n", end)
+                end = total if nl < 0 else nl + 1
+            else:
+                end = nl + 1
+        buf = np.frombuffer(data, dtype=np.uint8, count=end - pos, offset=pos)
+        starts = _token_starts(buf)
+        line_ends = _line_ends(buf)
+        n_rows = _regular_rows(starts, line_ends, n_fields)
+        if n_rows is None or (n_rows and pending_blank is not None):
+            _raise_layout_error(
+                _tokens_per_line(starts, line_ends), n_fields, lead_fields, lines_before,
+                pending_blank, path, layout,
+            )
+            # Not reached (an irregular chunk always has a bad line); kept as a safe net.
+            raise DataFormatError(f"{path}: irregular field layout (expected '{layout}')")
+        if n_rows < line_ends.size and pending_blank is None:
+            pending_blank = lines_before + n_rows + 1
+        if n_rows:
+            chunk = data[pos:end]
+            vals: np.ndarray | None
+            try:
+                with warnings.catch_warnings():
+                    # numpy signals "stopped at an unparsable token" with a warning.
+                    warnings.simplefilter("error")
+                    vals = np.fromstring(chunk, dtype=dtype, sep=" ")  # noqa: NPY201
+            except (ValueError, DeprecationWarning, RuntimeWarning):
+                vals = None
+            if vals is None or vals.size != n_rows * n_fields:
+                _diagnose_numeric(
+                    chunk.split(b"\n"), lines_before + 1, lead_fields, kind, path, layout
+                )
+                raise DataFormatError(
+                    f"{path}, lines {lines_before + 1}-{lines_before + n_rows}: "
+                    f"could not parse numbers (expected '{layout}')"
+                )
+            out[row : row + n_rows] = vals.reshape(n_rows, n_fields)
+            row += n_rows
+        lines_before += line_ends.size
+        pos = end
+    if row == 0:
+        raise DataFormatError(f"{path}: file has no rows (expected lines '{layout}')")
+    return out[:row]
+
+
+def _parse_named_table(
+    data: bytes, n_numeric: int, dtype: type[np.generic], path: Path, layout: str
+) -> tuple[list[str], np.ndarray]:
+    """Parse lines ``name v1 ... vK``; returns (names [n], values [n, K] of ``dtype``).
+
+    Only the name is split off in Python; the numbers go through the vectorised parser
+    (per-token Python or string-array conversion is several times slower on 469k lines).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}, line {line}: not valid UTF-8 text") from None
+    names: list[str] = []
+    rests: list[str] = []
+    for i, line in enumerate(text.split("\n")):
+        parts = line.split(None, 1)
+        if not parts:
+            rests.append("")  # blank: the numeric parser decides if it is allowed here
+            continue
+        if len(parts) == 1 and n_numeric:
+            raise DataFormatError(
+                f"{path}, line {i + 1}: expected {n_numeric + 1} fields ('{layout}'), found 1"
+            )
+        names.append(parts[0])
+        rests.append(parts[1] if len(parts) > 1 else "")
+    try:
+        blob = "\n".join(rests).encode("ascii")
+    except UnicodeEncodeError as e:
+        line = "\n".join(rests)[: e.start].count("\n") + 1
+        raise DataFormatError(
+            f"{path}, line {line}: non-ASCII character in a numeric field"
+        ) from None
+    vals = _parse_numeric_table(blob, n_numeric, dtype, path, layout, lead_fields=1)
+    return names[: vals.shape[0]], vals
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_tid_mid(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Read ``ijbc_face_tid_mid.txt`` (lines ``img_name template_id media_id``).
+
+    Returns:
+        (names [n], templates int64 [n], medias int64 [n]).
+    """
+    p = Path(path)
+    names, vals = _parse_named_table(
+        _read_bytes(p), 2, np.int64, p, "img_name template_id media_id"
+    )
+    return names, np.ascontiguousarray(vals[:, 0]), np.ascontiguousarray(vals[:, 1])
+
+
+def read_5pts_score(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Read ``ijbc_name_5pts_score.txt`` (lines ``img_name x1 y1 ... x5 y5 score``).
+
+    Returns:
+        (names [n], landmarks float32 [n, 5, 2], scores float32 [n]).
+
+    Raises:
+        DataFormatError: also for NaN/inf landmarks or scores.
+    """
+    p = Path(path)
+    layout = "img_name x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 score"
+    names, vals64 = _parse_named_table(_read_bytes(p), 11, np.float64, p, layout)
+    vals = vals64.astype(np.float32)
+    # Checked after the cast: a finite float64 beyond float32 range becomes inf too.
+    finite = np.isfinite(vals)
+    if not finite.all():
+        i, j = np.argwhere(~finite)[0]
+        field = "score" if j == 10 else f"{'xy'[j % 2]}{j // 2 + 1}"
+        raise DataFormatError(
+            f"{p}, line {i + 1}: {field} is {vals64[i, j]} (landmarks and score must be "
+            "finite float32 values)"
+        )
+    return names, vals[:, :10].reshape(-1, 5, 2).copy(), vals[:, 10].copy()
+
+
+def read_pair_label(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``ijbc_template_pair_label.txt`` (lines ``t1 t2 label``).
+
+    Returns:
+        (pairs int64 [n, 2], labels int8 [n]) with labels in {0, 1}.
+    """
+    p = Path(path)
+    data = _read_bytes(p)
+    vals = _parse_numeric_table(data, 3, np.int64, p, "t1 t2 label")
+    del data  # ~300 MB on the real file; free it before the copies below
+    labels = vals[:, 2]
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if bad.size:
+        i = int(bad[0])
+        raise DataFormatError(
+            f"{p}, line {i + 1}: label {int(labels[i])} is not 0 (impostor) or 1 (genuine)"
+        )
+    return np.ascontiguousarray(vals[:, :2]), labels.astype(np.int8)
+
+
+@dataclass(frozen=True, eq=False)
+class _CsvRows:
+    """Per-row content of a 1:N CSV (int64 [r] each, plus 1-based line numbers)."""
+
+    templates: np.ndarray
+    subjects: np.ndarray
+    lines: np.ndarray
+    filenames: list[str]
+
+
+def _read_1n_rows(path: Path) -> _CsvRows:
+    data = _read_bytes(path)
+    try:
+        text = data.decode("utf-8-sig")  # tolerate a BOM from spreadsheet exports
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{path}: not valid UTF-8 text") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataFormatError(f"{path}: empty file (expected a header row)") from None
+    except csv.Error as e:
+        raise DataFormatError(f"{path}, line 1: malformed CSV header: {e}") from None
+    names = [h.strip().upper() for h in header]
+    missing = [c for c in _CSV_REQUIRED if c not in names]
+    if missing:
+        raise DataFormatError(
+            f"{path}, line 1: missing column(s) {', '.join(missing)} in header "
+            f"{','.join(header)!r} (need {','.join(_CSV_REQUIRED)})"
+        )
+    it, isub, ifn = (names.index(c) for c in _CSV_REQUIRED)
+    need = max(it, isub, ifn) + 1
+    templates: list[int] = []
+    subjects: list[int] = []
+    lines: list[int] = []
+    filenames: list[str] = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not f.strip() for f in row):
+                continue  # csv tools often leave blank trailing rows
+            if len(row) < need:
+                raise DataFormatError(
+                    f"{path}, line {line}: {len(row)} fields, expected at least {need} "
+                    f"(the header has {len(header)} columns)"
+                )
+            for col, store in ((it, templates), (isub, subjects)):
+                tok = row[col].strip()
+                try:
+                    store.append(int(tok))
+                except ValueError:
+                    raise DataFormatError(
+                        f"{path}, line {line}: {names[col]} {_fmt_token(tok)} is not an integer"
+                    ) from None
+            filenames.append(row[ifn].strip())
+            lines.append(line)
+    except csv.Error as e:
+        raise DataFormatError(f"{path}, line {reader.line_num}: malformed CSV: {e}") from None
+    if not templates:
+        raise DataFormatError(f"{path}: no data rows after the header")
+    return _CsvRows(
+        np.asarray(templates, dtype=np.int64),
+        np.asarray(subjects, dtype=np.int64),
+        np.asarray(lines, dtype=np.int64),
+        filenames,
+    )
+
+
+def _unique_templates(rows: _CsvRows, path: Path) -> tuple[TemplateSubjects, np.ndarray]:
+    """Collapse rows to unique templates; also return the first line of each template."""
+    order = np.argsort(rows.templates, kind="stable")
+    t = rows.templates[order]
+    s = rows.subjects[order]
+    conflict = np.flatnonzero((t[1:] == t[:-1]) & (s[1:] != s[:-1]))
+    if conflict.size:
+        k = int(conflict[0])
+        tid = int(t[k])
+        first = rows.lines[order[k]]
+        other = rows.lines[order[k + 1]]
+        raise DataFormatError(
+            f"{path}, line {int(other)}: template {tid} has SUBJECT_ID {int(s[k + 1])}, "
+            f"but line {int(first)} gives it SUBJECT_ID {int(s[k])} (one subject per template)"
+        )
+    starts = np.concatenate(([True], t[1:] != t[:-1])) if t.size else np.zeros(0, bool)
+    first_lines = rows.lines[order[starts]]
+    return TemplateSubjects(t[starts].copy(), s[starts].copy()), first_lines
+
+
+def read_1n_csv(path: str | os.PathLike[str]) -> TemplateSubjects:
+    """Read a 1:N gallery/probe CSV (header with at least TEMPLATE_ID,SUBJECT_ID,FILENAME).
+
+    Rows are images; a template spans several rows and must have a single subject.
+
+    Returns:
+        :class:`TemplateSubjects` of the unique templates, sorted by template id.
+    """
+    p = Path(path)
+    return _unique_templates(_read_1n_rows(p), p)[0]
+
+
+def _check_known_templates(
+    ids: np.ndarray, known_sorted: np.ndarray, path: Path, line_of: np.ndarray | None, what: str
+) -> None:
+    """Raise if any of ``ids`` (any shape) is not in ``known_sorted`` (sorted unique)."""
+    flat = ids.reshape(ids.shape[0], -1)
+    lo, hi = int(known_sorted[0]), int(known_sorted[-1])
+    if hi - lo < 1 << 26:
+        # Dense id range (the real one is < 200k): a boolean lookup is ~10x faster than
+        # binary search for the 31M pair ids. Slot hi-lo+1 is a False sentinel for ids
+        # outside the range.
+        member = np.zeros(hi - lo + 2, dtype=bool)
+        member[known_sorted - lo] = True
+        idx = flat - lo
+        idx[(idx < 0) | (idx > hi - lo)] = hi - lo + 1
+        unknown = ~member[idx]
+    else:
+        pos = np.searchsorted(known_sorted, flat)
+        np.minimum(pos, known_sorted.size - 1, out=pos)
+        unknown = known_sorted[pos] != flat
+    if unknown.any():
+        i, j = np.argwhere(unknown)[0]
+        line = int(line_of[i]) if line_of is not None else int(i) + 1
+        raise DataFormatError(
+            f"{path}, line {line}: {what} {int(flat[i, j])} does not appear in {TID_MID_FILE}"
+        )
+
+
+def read_ijbc_meta(root: str | os.PathLike[str], *, with_1n: bool = True) -> IJBCMeta:
+    """Read and cross-validate all IJB-C meta files under ``root`` (either root form).
+
+    Checks beyond the per-file ones: tid_mid and 5pts list the same images in the same
+    order; every pair template and every 1:N template occurs in tid_mid; the two galleries
+    share no template.
+
+    Args:
+        root: directory containing ``IJBC/`` or the ``IJBC`` directory.
+        with_1n: also read the three 1:N CSVs (otherwise they are empty).
+    """
+    ijbc = resolve_ijbc_dir(root)
+    meta = ijbc / "meta"
+    tid_path = meta / TID_MID_FILE
+    pts_path = meta / NAME_5PTS_FILE
+    pair_path = meta / PAIR_LABEL_FILE
+
+    names, templates, medias = read_tid_mid(tid_path)
+    names_5, landmarks, scores = read_5pts_score(pts_path)
+    if names_5 != names:
+        for i, (a, b) in enumerate(zip(names, names_5)):
+            if a != b:
+                raise DataFormatError(
+                    f"{pts_path} and {tid_path} differ at line {i + 1}: image {b!r} vs {a!r} "
+                    "(both files must list the same images in the same order)"
+                )
+        raise DataFormatError(
+            f"row count mismatch: {pts_path} has {len(names_5)} rows but {tid_path} has "
+            f"{len(names)} (first differing line {min(len(names), len(names_5)) + 1}; both "
+            "files must list the same images in the same order)"
+        )
+
+    known = np.unique(templates)
+    pairs, pair_labels = read_pair_label(pair_path)
+    _check_known_templates(pairs, known, pair_path, None, "template")
+
+    g1 = g2 = probes = TemplateSubjects.empty()
+    if with_1n:
+        lists: list[tuple[TemplateSubjects, Path]] = []
+        for fname in (GALLERY1_FILE, GALLERY2_FILE, PROBE_FILE):
+            p = meta / fname
+            rows = _read_1n_rows(p)
+            ts, first_lines = _unique_templates(rows, p)
+            _check_known_templates(ts.templates, known, p, first_lines, "TEMPLATE_ID")
+            lists.append((ts, p))
+        (g1, p1), (g2, p2), (probes, _) = lists
+        shared = np.intersect1d(g1.templates, g2.templates)
+        if shared.size:
+            raise DataFormatError(
+                f"{p1} and {p2} share {shared.size} template(s), e.g. TEMPLATE_ID "
+                f"{int(shared[0])}; the two galleries must be disjoint"
+            )
+
+    return IJBCMeta(
+        root=ijbc,
+        image_names=names,
+        templates=templates,
+        medias=medias,
+        landmarks=landmarks,
+        scores=scores,
+        pairs=pairs,
+        pair_labels=pair_labels,
+        gallery1=g1,
+        gallery2=g2,
+        probes=probes,
+    )
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _atomic_write(path: Path, chunks: Iterable[str | bytes]) -> None:
+    """Write ``chunks`` (str as UTF-8) to a temp file beside ``path``, then rename it over.
+
+    Readers never see a half-written file, and a crash leaves any old file intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    # os.open with mode 0o666 lets the umask decide permissions, like a plain open() would
+    # (tempfile.mkstemp would leave the final file at 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in chunks:
+                f.write(c.encode("utf-8") if isinstance(c, str) else c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# Rows formatted per call: large enough for C-speed formatting, small enough that no
+# chunk's temporaries (strings, or ~10 int64 arrays per value) grow past ~100 MB.
+_WRITE_ROWS = 1 << 16
+_WRITE_INT_ROWS = 1 << 20
+_POW10 = 10 ** np.arange(19, dtype=np.int64)  # 1 .. 1e18, all representable in int64
+
+
+def _format_rows(row_fmt: str, columns: Sequence[Sequence[object]], n: int) -> Iterable[str]:
+    """Yield text for ``n`` rows, ``row_fmt % (col0[i], col1[i], ...)`` per row."""
+    for lo in range(0, n, _WRITE_ROWS):
+        hi = min(lo + _WRITE_ROWS, n)
+        flat = tuple(itertools.chain.from_iterable(zip(*(c[lo:hi] for c in columns))))
+        yield (row_fmt * (hi - lo)) % flat
+
+
+def _format_int_rows(table: np.ndarray) -> Iterable[bytes]:
+    """Yield ``table`` (int64 [n, k]) as text, fields separated by ' ', rows by '\\n'.
+
+    Vectorised decimal formatting: ``%``-formatting 15.7M pair rows takes ~11 s, this ~1 s.
+    """
+    n, k = table.shape
+    for lo in range(0, n, _WRITE_INT_ROWS):
+        v = table[lo : lo + _WRITE_INT_ROWS].ravel()
+        neg = v < 0
+        mag = np.abs(v)  # int64 min is rejected by the caller, so this cannot overflow
+        ndig = np.maximum(np.searchsorted(_POW10, mag, side="right"), 1)
+        width = ndig + neg + 1  # digits, sign, then a separator or newline
+        ends = np.cumsum(width)
+        buf = np.full(int(ends[-1]), ord(" "), dtype=np.uint8)
+        buf[ends[k - 1 :: k] - 1] = ord("\n")
+        buf[(ends - width)[neg]] = ord("-")
+        if mag.size and int(mag.max()) < 2**31:
+            mag = mag.astype(np.int32)  # 32-bit division is about twice as fast
+        last = ends - 2  # position of the units digit
+        for d in range(int(ndig.max())):
+            sel = np.flatnonzero(ndig > d)
+            buf[last[sel] - d] = (mag[sel] // mag.dtype.type(_POW10[d])) % 10 + ord("0")
+        yield buf.tobytes()
+
+
+def _check_names(names: Sequence[str], what: str) -> list[str]:
+    out = [str(n) for n in names]
+    for i, n in enumerate(out):
+        if not n or any(ch.isspace() for ch in n):
+            raise ValueError(f"{what} {i} is {n!r}: names must be non-empty without whitespace")
+    return out
+
+
+def _int_column(x: np.ndarray, n: int, what: str) -> list[int]:
+    a = np.asarray(x)
+    if a.shape != (n,) or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+        raise ValueError(f"{what} must be an integer array of shape [{n}], got {a.dtype} {a.shape}")
+    return a.astype(np.int64).tolist()
+
+
+def write_tid_mid(
+    path: str | os.PathLike[str], names: Sequence[str], templates: np.ndarray, medias: np.ndarray
+) -> None:
+    """Write ``ijbc_face_tid_mid.txt``: names [n], templates int [n], medias int [n]."""
+    nm = _check_names(names, "image name")
+    n = len(nm)
+    t = _int_column(templates, n, "templates")
+    m = _int_column(medias, n, "medias")
+    _atomic_write(Path(path), _format_rows("%s %d %d\n", (nm, t, m), n))
+
+
+def write_5pts_score(
+    path: str | os.PathLike[str], names: Sequence[str], landmarks: np.ndarray, scores: np.ndarray
+) -> None:
+    """Write ``ijbc_name_5pts_score.txt``: names [n], landmarks [n, 5, 2], scores [n].
+
+    Floats use ``%.9g``, which round-trips float32 exactly.
+    """
+    nm = _check_names(names, "image name")
+    n = len(nm)
+    lm = np.asarray(landmarks, dtype=np.float64)
+    sc = np.asarray(scores, dtype=np.float64)
+    if lm.shape != (n, 5, 2):
+        raise ValueError(f"landmarks must have shape [{n}, 5, 2], got {lm.shape}")
+    if sc.shape != (n,):
+        raise ValueError(f"scores must have shape [{n}], got {sc.shape}")
+    if not (np.isfinite(lm).all() and np.isfinite(sc).all()):
+        raise ValueError("landmarks and scores must be finite")
+    cols: list[Sequence[object]] = [nm]
+    cols += [c.tolist() for c in lm.reshape(n, 10).T]
+    cols.append(sc.tolist())
+    _atomic_write(Path(path), _format_rows("%s" + " %.9g" * 11 + "\n", cols, n))
+
+
+def write_pair_label(path: str | os.PathLike[str], pairs: np.ndarray, labels: np.ndarray) -> None:
+    """Write ``ijbc_template_pair_label.txt``: pairs int [n, 2], labels in {0, 1} [n]."""
+    pr = np.asarray(pairs)
+    if pr.ndim != 2 or pr.shape[1] != 2:
+        raise ValueError(f"pairs must have shape [n, 2], got {pr.shape}")
+    n = pr.shape[0]
+    lab = np.asarray(labels)
+    if lab.shape != (n,) or not (np.issubdtype(lab.dtype, np.integer) or n == 0):
+        raise ValueError(
+            f"labels must be an integer array of shape [{n}], got {lab.dtype} {lab.shape}"
+        )
+    if n and not np.isin(lab, (0, 1)).all():
+        raise ValueError("labels must be 0 (impostor) or 1 (genuine)")
+    if n and not np.issubdtype(pr.dtype, np.integer):
+        raise ValueError(f"pairs must be an integer array, got {pr.dtype}")
+    table = np.empty((n, 3), dtype=np.int64)
+    table[:, :2] = pr
+    table[:, 2] = lab
+    if n and table.min() == np.iinfo(np.int64).min:
+        raise ValueError("template ids must be > int64 min")
+    _atomic_write(Path(path), _format_int_rows(table))
+
+
+def write_1n_csv(
+    path: str | os.PathLike[str],
+    templates: np.ndarray,
+    subjects: np.ndarray,
+    filenames: Sequence[str],
+    sighting_ids: np.ndarray | None = None,
+) -> None:
+    """Write a 1:N CSV with header ``TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID``.
+
+    One row per image: templates int [r], subjects int [r], filenames [r]; sighting_ids
+    int [r] defaults to 1..r. A template must keep one subject across its rows.
+    """
+    fn = [str(f) for f in filenames]
+    r = len(fn)
+    t = _int_column(templates, r, "templates")
+    s = _int_column(subjects, r, "subjects")
+    if sighting_ids is None:
+        sid = list(range(1, r + 1))
+    else:
+        sid = _int_column(sighting_ids, r, "sighting_ids")
+    subject_of: dict[int, int] = {}
+    for i, (ti, si) in enumerate(zip(t, s)):
+        if subject_of.setdefault(ti, si) != si:
+            raise ValueError(f"row {i}: template {ti} has subjects {subject_of[ti]} and {si}")
+
+    def rows() -> Iterable[str]:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(_CSV_HEADER)
+        for lo in range(0, r, _WRITE_ROWS):
+            hi = min(lo + _WRITE_ROWS, r)
+            w.writerows(zip(t[lo:hi], s[lo:hi], fn[lo:hi], sid[lo:hi]))
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+        yield buf.getvalue()
+
+    _atomic_write(Path(path), rows())
