@@ -1,0 +1,48 @@
+"""Strict config loading: unknown keys, wrong types and impossible values name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from unibct_ray.config import TrainConfig, apply_overrides, from_dict, load_config, to_dict
+from unibct_ray.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "train.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_roundtrip_and_overrides(tmp_path):
+    p = write(tmp_path, "name: x\noptim:\n  lr: 0.05\ncompat:\n  method: unibct\n  old_checkpoint: old.pt\n")
+    cfg = load_config(p, ["optim.epochs=4", "compat.refine_epochs=[1, 2]", "global_batch=64"])
+    assert cfg.optim.lr == 0.05 and cfg.optim.epochs == 4 and cfg.compat.refine_epochs == (1, 2)
+    assert cfg.effective_lr == pytest.approx(0.05 * 64 / 1024)
+    assert from_dict(to_dict(cfg)) == cfg
+    assert from_dict({}) == TrainConfig()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("optim:\n  lrr: 0.1\n", "optim.lrr: unknown key"),
+    ("optim:\n  lr: fast\n", "optim.lr: expected a number, got 'fast'"),
+    ("use_gpu: 1\n", "use_gpu: expected true/false"),
+    ("optim:\n  lr: -1\n", "optim.lr: must be positive"),
+    ("global_batch: 10\nnum_workers: 3\n", "global_batch: 10 is not divisible"),
+    ("compat:\n  method: l2\n", "compat.old_checkpoint: required"),
+    ("model:\n  backbone: r7\n", "model.backbone: must be one of"),
+    ("optim:\n  epochs: 5\ncompat:\n  refine_epochs: [7]\n", "compat.refine_epochs"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("a: [\n", "not valid YAML"),
+])
+def test_errors_name_file_and_key(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert "train.yaml" in str(e.value) and needle in str(e.value)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,258 @@
+"""Typed, strict configuration: frozen dataclasses, YAML files, dotted ``--set`` overrides.
+
+Unknown keys, wrong types and impossible values are errors that name the file and the dotted
+key (``train.yaml: optim.lr: expected a number, got 'fast'``); nothing is silently dropped.
+The same dotted keys are what Ray Tune searches over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from unibct_ray.errors import ConfigError
+
+__all__ = [
+    "DataSection",
+    "ModelSection",
+    "HeadSection",
+    "OptimSection",
+    "CompatSection",
+    "TrainConfig",
+    "from_dict",
+    "to_dict",
+    "load_config",
+    "apply_overrides",
+]
+
+METHODS = ("independent", "l2", "bct", "unibct")
+HEADS = ("arcface", "cosface", "softmax")
+BACKBONES = ("r18", "r34", "r50", "r100", "tiny")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train: str = ""               # shard set (a `data convert`/`data split` output directory)
+    image_size: int = 112         # crops are resized to this if they differ
+    flip: bool = True             # random horizontal flip (the only augmentation, as the paper)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    backbone: str = "r50"
+    embedding_size: int = 512
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeadSection:
+    type: str = "arcface"
+    scale: float = 64.0
+    margin: float = 0.5
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 0.1               # at base_batch; the effective lr is lr * global_batch / base_batch
+    base_batch: int = 1024
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 35
+    poly_power: float = 2.0       # lr_t = lr * (1 - t / T) ** power, per step
+    warmup_epochs: float = 0.0
+    clip_grad_norm: float = 5.0   # on the backbone; 0 disables
+
+
+@dataclass(frozen=True)
+class CompatSection:
+    method: str = "independent"   # independent | l2 | bct | unibct
+    weight: float = 1.0           # w in head loss + w * L_comp (independent: 0 whatever this says)
+    old_checkpoint: str = ""      # required for l2 / bct / unibct
+    l2_margin: float = 0.0        # 0.2 = the "weakened" l2 variant
+    scale: float = 30.0           # s of the prototype classifier (bct/unibct)
+    margin: float = 0.0           # additive angular margin on the prototype target
+    refine_epochs: tuple[int, ...] = (10, 20)
+    refine: bool = True           # False: plain class means of old features (no refinement)
+    lam: float = 0.9
+    temperature: float = 0.05
+    axis: str = "row"             # row (ours) | column (public re-implementation)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "run"
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    head: HeadSection = field(default_factory=HeadSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    compat: CompatSection = field(default_factory=CompatSection)
+    global_batch: int = 1024
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    amp: bool = True              # fp16 autocast, GPU only
+    seed: int = 0
+    storage: str = "runs"         # run directories go to STORAGE/NAME
+    max_failures: int = 2         # worker failures survived (restart from the last checkpoint)
+    extract_actors: int = 2       # actor pool size for feature extraction
+    refine_actors: int = 2        # actors sharing the per-class refinement
+
+    def validate(self, where: str = "config") -> "TrainConfig":
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{where}: {key}: {msg}")
+
+        need(self.model.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}, got {self.model.backbone!r}")
+        need(self.model.embedding_size > 0, "model.embedding_size", "must be positive")
+        need(0 <= self.model.dropout < 1, "model.dropout", "must be in [0, 1)")
+        need(self.head.type in HEADS, "head.type", f"must be one of {HEADS}, got {self.head.type!r}")
+        need(self.head.scale > 0, "head.scale", "must be positive")
+        need(self.optim.lr > 0, "optim.lr", "must be positive")
+        need(self.optim.epochs >= 1, "optim.epochs", "must be >= 1")
+        need(self.optim.base_batch >= 1, "optim.base_batch", "must be >= 1")
+        need(self.global_batch >= 1, "global_batch", "must be >= 1")
+        need(self.num_workers >= 1, "num_workers", "must be >= 1")
+        need(self.global_batch % self.num_workers == 0, "global_batch",
+             f"{self.global_batch} is not divisible by num_workers={self.num_workers}")
+        need(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        need(16 <= self.data.image_size <= 224 and self.data.image_size % 16 == 0, "data.image_size",
+             f"must be a multiple of 16 in 16..224, got {self.data.image_size}")
+        need(self.compat.method in METHODS, "compat.method", f"must be one of {METHODS}, got {self.compat.method!r}")
+        need(self.compat.weight >= 0, "compat.weight", "must be >= 0")
+        need(self.compat.axis in ("row", "column"), "compat.axis", "must be 'row' or 'column'")
+        need(0 < self.compat.lam < 1, "compat.lam", "must be in (0, 1)")
+        need(self.compat.temperature > 0, "compat.temperature", "must be positive")
+        need(all(0 <= e < self.optim.epochs for e in self.compat.refine_epochs), "compat.refine_epochs",
+             f"every epoch must be in 0..{self.optim.epochs - 1}")
+        if self.compat.method != "independent":
+            need(bool(self.compat.old_checkpoint), "compat.old_checkpoint",
+                 f"required for method {self.compat.method!r}")
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.global_batch // self.num_workers
+
+    @property
+    def effective_lr(self) -> float:
+        """Linear scaling: ``lr * global_batch / base_batch``."""
+        return self.optim.lr * self.global_batch / self.optim.base_batch
+
+
+# ------------------------------------------------------------------ strict (de)serialisation
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return _from_mapping(tp, value, f"{key}.", where)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: {key}: unsupported type {tp}")
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: {prefix}{unknown[0]}: unknown key (valid here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", where) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any], where: str = "config") -> TrainConfig:
+    """Build and validate a ``TrainConfig`` from plain data (unknown keys are errors)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    return _from_mapping(TrainConfig, data, "", where).validate(where)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain, YAML/JSON-serialisable data (tuples become lists)."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars/lists) to a copy of ``data``."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{where}: {item!r}: expected KEY=VALUE, e.g. optim.lr=0.05")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: {key}: cannot parse value {raw!r} ({e})") from None
+        _set_dotted(out, key.strip(), value, where)
+    return out
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``--set`` overrides, and validate strictly."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    where = p.name if not overrides else f"{p.name} (with --set)"
+    return from_dict(apply_overrides(data, overrides), where)
