@@ -31,7 +31,7 @@ def test_roundtrip_and_overrides(tmp_path):
     ("global_batch: 10\nnum_workers: 3\n", "global_batch: 10 is not divisible"),
     ("compat:\n  method: l2\n", "compat.old_checkpoint: required"),
     ("model:\n  backbone: r7\n", "model.backbone: must be one of"),
-    ("optim:\n  epochs: 5\ncompat:\n  refine_epochs: [7]\n", "compat.refine_epochs"),
+    ("optim:\n  epochs: 5\ncompat:\n  method: unibct\n  old_checkpoint: o.pt\n  refine_epochs: [7]\n", "compat.refine_epochs"),
     ("- a\n- b\n", "expected a mapping"),
     ("a: [\n", "not valid YAML"),
 ])

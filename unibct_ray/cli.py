@@ -84,6 +84,31 @@ def _cmd_split(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train
+def _cmd_train(a: argparse.Namespace) -> int:
+    from unibct_ray.config import load_config
+    from unibct_ray.distributed.runtime import ensure_ray
+    from unibct_ray.distributed.train import train
+
+    cfg = load_config(a.config, a.set or [])
+    if a.num_workers is not None or a.use_gpu:
+        from dataclasses import replace
+
+        cfg = replace(cfg, num_workers=a.num_workers or cfg.num_workers, use_gpu=a.use_gpu or cfg.use_gpu).validate(str(a.config))
+    ensure_ray(a.address, num_cpus=a.num_cpus, quiet=False)
+    res = train(cfg, resume=a.resume)
+    print(f"done: {res.checkpoint} (epoch {res.metrics.get('epoch')}, loss {res.metrics.get('loss', float('nan')):.4f})")
+    return 0
+
+
+# ---------------------------------------------------------------- prototypes
+def _cmd_prototypes(a: argparse.Namespace) -> int:
+    from unibct_ray.prototypes_tool import run_prototypes
+
+    run_prototypes(a)
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def _cmd_demo(a: argparse.Namespace) -> int:
     from unibct_ray.demo import run_demo
@@ -169,6 +194,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = _sub(sub, "train", "train an old model or a compatible new model on Ray",
+             "Train on a shard set with Ray Train (DDP over --num-workers workers; gloo on CPU,\n"
+             "nccl + fp16 autocast on GPU). The config (YAML, strict: unknown keys are errors)\n"
+             "chooses the model and the method: compat.method = independent | l2 | bct | unibct;\n"
+             "l2/bct/unibct need compat.old_checkpoint. Examples: jobs/configs/*.yaml.\n\n"
+             "Writes STORAGE/NAME/: config.json, metrics.csv (per epoch: loss terms, lr, images/s),\n"
+             "a checkpoint per epoch (Ray Train's checkpoint dirs), final.pt; for compatible\n"
+             "methods old_features/ (old-model features of the training set, keyed by index) and,\n"
+             "for unibct, new_features-epochNNN/ and prototypes-epochNNN.npy at each refinement.\n"
+             "A failed worker restarts from the last checkpoint; --resume RUN_DIR continues a run.",
+             _cmd_train)
+    p.add_argument("--config", required=True, type=Path, help="YAML config (see jobs/configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.epochs=2 (repeatable)")
+    p.add_argument("--resume", type=Path, default=None, help="run directory to continue")
+    p.add_argument("--num-workers", type=int, default=None, help="override num_workers")
+    p.add_argument("--use-gpu", action="store_true", help="train on GPUs (one per worker)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
+
+    p = _sub(sub, "prototypes", "offline class prototypes (structural refinement)",
+             "Compute UniBCT class prototypes from features, the same code the training uses.\n\n"
+             "Inputs: --old-features O.npy and --new-features N.npy (float [n, d], same rows),\n"
+             "--labels L.npy (int [n], classes 0..C-1). Output: --out P.npy, float32 [C, d], row c\n"
+             "the unit-norm prototype of class c. --no-refine gives normalised class means;\n"
+             "--axis column reproduces the public re-implementation (equal to the plain mean).\n"
+             "--workers K > 1 spreads class ranges over K Ray actors.",
+             _cmd_prototypes)
+    p.add_argument("--old-features", required=True, type=Path)
+    p.add_argument("--new-features", type=Path, default=None, help="(not needed with --no-refine)")
+    p.add_argument("--labels", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--lam", type=float, default=0.9, help="lambda of the propagation")
+    p.add_argument("--temperature", type=float, default=0.05, help="tau of the similarity softmax")
+    p.add_argument("--axis", choices=["row", "column"], default="row", help="softmax normalisation axis")
+    p.add_argument("--no-refine", action="store_true", help="plain normalised class means")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors (1 = in this process)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = _sub(sub, "demo", "the embedded default end to end on local Ray",
              "Run the main job on the embedded default: synthetic data, local Ray, CPU.",

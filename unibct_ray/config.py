@@ -129,8 +129,9 @@ class TrainConfig:
         need(self.compat.axis in ("row", "column"), "compat.axis", "must be 'row' or 'column'")
         need(0 < self.compat.lam < 1, "compat.lam", "must be in (0, 1)")
         need(self.compat.temperature > 0, "compat.temperature", "must be positive")
-        need(all(0 <= e < self.optim.epochs for e in self.compat.refine_epochs), "compat.refine_epochs",
-             f"every epoch must be in 0..{self.optim.epochs - 1}")
+        if self.compat.method == "unibct":
+            need(all(0 < e < self.optim.epochs for e in self.compat.refine_epochs), "compat.refine_epochs",
+                 f"every epoch must be in 1..{self.optim.epochs - 1} (refinement needs a trained new model)")
         if self.compat.method != "independent":
             need(bool(self.compat.old_checkpoint), "compat.old_checkpoint",
                  f"required for method {self.compat.method!r}")

@@ -47,7 +47,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 FORMAT = "unibct-ray/parquet-shards"
 SHARD_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
-REQUIRED_COLUMNS = ("image", "label", "index")
+REQUIRED_COLUMNS = ("label", "index")
 # Small row groups let Ray Data stream a shard in pieces instead of materialising it whole.
 ROW_GROUP_ROWS = 2048
 

@@ -1,0 +1,98 @@
+"""Training checkpoints: one ``checkpoint.pt`` per epoch, loaded safely.
+
+A checkpoint holds only tensors, numbers, strings and containers of them, and is always loaded
+with ``torch.load(..., weights_only=True)``: a file cannot run code when it is opened (a
+hostile pickle is refused with a clear error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unibct_ray.errors import DataFormatError
+
+__all__ = ["CHECKPOINT_FILE", "FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_config",
+           "build_backbone_from_checkpoint", "find_latest_checkpoint"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT = "unibct-ray/checkpoint"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save({"format": FORMAT, "version": 1, **state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file (or a directory holding ``checkpoint.pt``) with ``weights_only``."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_FILE
+    if not p.is_file():
+        raise DataFormatError(f"{p}: checkpoint not found")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataFormatError(f"{p}: refused to load: the file holds objects other than tensors and "
+                              f"plain data, which could run code ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise DataFormatError(f"{p}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DataFormatError(f"{p}: not a unibct-ray checkpoint (no '{FORMAT}' format tag)")
+    return state
+
+
+def checkpoint_config(state: dict[str, Any], where: str = "checkpoint"):
+    """The ``TrainConfig`` stored in a checkpoint."""
+    from unibct_ray.config import from_dict
+
+    return from_dict(json.loads(state["config"]), where)
+
+
+def build_backbone_from_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict]:
+    """(backbone in eval mode with the checkpoint's weights, its TrainConfig, the state)."""
+    from unibct_ray.models.iresnet import build_backbone
+
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state, str(path))
+    model = build_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.data.image_size, cfg.model.dropout)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise DataFormatError(f"{path}: weights do not fit a {cfg.model.backbone} backbone "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    model.eval()
+    return model, cfg, state
+
+
+def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The ``checkpoint.pt`` with the highest epoch under ``run_dir`` (None if there is none).
+
+    Reads the small ``meta.json`` written beside each checkpoint, not the weights.
+    """
+    best: tuple[int, float, Path] | None = None
+    for p in Path(run_dir).rglob(CHECKPOINT_FILE):
+        try:
+            epoch = int(json.loads((p.parent / "meta.json").read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a half-written or foreign directory is skipped, never trusted
+        key = (epoch, p.stat().st_mtime, p)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None

@@ -1,0 +1,60 @@
+"""Ray Data pipelines over shard sets: decode + normalise + flip on CPU in ``map_batches``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from unibct_ray.data.images import decode_images
+from unibct_ray.data.shards import read_manifest
+
+__all__ = ["read_shard_set", "decode_batch", "training_dataset", "FEATURE_COLUMN", "OLD_FEATURE_COLUMN",
+           "feature_matrix"]
+
+FEATURE_COLUMN = "feature"
+OLD_FEATURE_COLUMN = "old_feature"
+
+
+def read_shard_set(path: str | os.PathLike, columns: list[str] | None = None) -> ray.data.Dataset:
+    """A Ray Dataset over the Parquet files a manifest lists (validated first)."""
+    m = read_manifest(path)
+    return ray.data.read_parquet([str(f) for f in m.files], columns=columns)
+
+
+def feature_matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list float column -> float32 [n, d] (no per-row Python)."""
+    col = table.column(column).combine_chunks()
+    d = col.type.list_size
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, d)
+
+
+def decode_batch(batch: pa.Table, image_size: int, flip: bool, source: str) -> dict[str, np.ndarray]:
+    """Ray Data batch (pyarrow) -> numpy columns: image float32 [b, 3, S, S], label, index
+    (+ old_feature float32 [b, d] when present). Flips each image with probability 1/2."""
+    keys = batch.column("index").to_numpy()
+    images = batch.column("image").to_pylist()
+    mask = np.random.default_rng().random(len(images)) < 0.5 if flip else None
+    out = {
+        "image": decode_images(images, image_size, mask, keys=keys, source=source),
+        "label": batch.column("label").to_numpy().astype(np.int64),
+        "index": keys.astype(np.int64),
+    }
+    if OLD_FEATURE_COLUMN in batch.column_names:
+        out[OLD_FEATURE_COLUMN] = feature_matrix(batch, OLD_FEATURE_COLUMN)
+    return out
+
+
+def training_dataset(path: str | os.PathLike, image_size: int, flip: bool = True,
+                     decode_cpus: float = 1.0, batch_size: int = 256) -> ray.data.Dataset:
+    """Shards -> decoded, normalised, randomly flipped training rows (decoding in Ray Data)."""
+    ds = read_shard_set(path)
+    return ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        fn_kwargs={"image_size": image_size, "flip": flip, "source": str(path)},
+        num_cpus=decode_cpus,
+    )

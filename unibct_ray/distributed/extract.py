@@ -1,0 +1,130 @@
+"""Feature extraction over a shard set on a Ray actor pool (the model is loaded once per actor).
+
+Output is a shard set keyed by record ``index``: ``index``, ``label`` (+ ``source_label`` when
+present), and the feature column (fixed-size list of float32). With ``keep_images`` the
+``image`` column is carried along, giving a training set whose rows hold their old-model
+features (what the l2 loss consumes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from unibct_ray.data.images import decode_images
+from unibct_ray.data.shards import ShardInfo, StagedDir, read_manifest, write_manifest
+from unibct_ray.distributed.data import FEATURE_COLUMN, read_shard_set
+
+__all__ = ["Embedder", "extract_features"]
+
+
+class Embedder:
+    """Callable class for ``map_batches``: decode (no flip) -> backbone -> feature column."""
+
+    def __init__(self, checkpoint: str, column: str, keep_images: bool, image_size: int | None = None,
+                 state_dict: dict | None = None, model_spec: dict | None = None):
+        torch.set_num_threads(1)  # one actor per core: intra-op threads would oversubscribe
+        if checkpoint:
+            from unibct_ray.checkpoint import build_backbone_from_checkpoint
+
+            self.model, cfg, _ = build_backbone_from_checkpoint(checkpoint)
+            self.size = image_size or cfg.data.image_size
+        else:  # weights handed over directly (between epochs, from the live run)
+            from unibct_ray.models.iresnet import build_backbone
+
+            self.model = build_backbone(**model_spec)
+            self.model.load_state_dict(state_dict)
+            self.model.eval()
+            self.size = image_size or model_spec["input_size"]
+        self.column = column
+        self.keep_images = keep_images
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = batch.column("index").to_numpy()
+        x = decode_images(batch.column("image").to_pylist(), self.size, None, keys=keys)
+        with torch.inference_mode():
+            feats = self.model(torch.from_numpy(x)).float().numpy()
+        cols = {name: batch.column(name) for name in batch.column_names if name != "image" or self.keep_images}
+        d = feats.shape[1]
+        cols[self.column] = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), pa.float32()), d)
+        return pa.table(cols)
+
+
+def extract_features(
+    shards: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    state_dict: dict | None = None,
+    model_spec: dict | None = None,
+    column: str = FEATURE_COLUMN,
+    keep_images: bool = False,
+    actors: int = 2,
+    batch_size: int = 256,
+    cpus_per_actor: float = 1.0,
+    overwrite: bool = False,
+) -> Path:
+    """Embed every row of ``shards`` into a new shard set at ``out`` (atomically).
+
+    Rows keep the source order (``preserve_order``), so a class stays contiguous and the
+    refinement actors can read class ranges with Parquet row-group statistics.
+    """
+    src = read_manifest(shards)
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        ds = read_shard_set(shards).map_batches(
+            Embedder,
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            fn_constructor_kwargs={"checkpoint": str(checkpoint or ""), "column": column,
+                                   "keep_images": keep_images, "state_dict": state_dict,
+                                   "model_spec": model_spec},
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+        )
+        with StagedDir(out, overwrite=overwrite) as stage:
+            ds.write_parquet(str(stage.path), min_rows_per_file=50_000)
+            files = sorted(stage.path.glob("*.parquet"))
+            shards_info = []
+            rows = 0
+            for i, f in enumerate(files):
+                new = f.with_name(f"part-{i:05d}.parquet")
+                f.rename(new)
+                n = pq.ParquetFile(new).metadata.num_rows
+                rows += n
+                shards_info.append(ShardInfo(new.name, n, new.stat().st_size))
+            schema = pq.read_schema(stage.path / shards_info[0].file) if shards_info else None
+            write_manifest(stage.path, shards_info, rows=rows, classes=src.classes,
+                           columns=list(schema.names) if schema else [],
+                           features={"column": column, "source": str(src.path),
+                                     "checkpoint": str(checkpoint) if checkpoint else None})
+            if rows != src.rows:
+                raise RuntimeError(f"feature extraction wrote {rows} rows for {src.rows} inputs")
+            stage.commit()
+    finally:
+        ctx.execution_options.preserve_order = previous
+    return Path(out)
+
+
+def read_class_range(path: str | os.PathLike, column: str, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows with ``c0 <= label < c1`` of a feature shard set -> (index [k], label [k], feats [k, d]),
+    sorted by index. Uses row-group statistics, so only the needed pieces are read."""
+    import pyarrow.dataset as pads
+
+    from unibct_ray.distributed.data import feature_matrix
+
+    m = read_manifest(path, check_files=True)
+    dataset = pads.dataset([str(f) for f in m.files], format="parquet")
+    flt = (pads.field("label") >= c0) & (pads.field("label") < c1)
+    table = dataset.to_table(columns=["index", "label", column], filter=flt)
+    index = table.column("index").to_numpy()
+    order = np.argsort(index, kind="stable")
+    return index[order], table.column("label").to_numpy()[order], feature_matrix(table, column)[order]

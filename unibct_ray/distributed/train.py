@@ -1,0 +1,304 @@
+"""Training on Ray Train: one loop for the old model and every compatible method.
+
+The driver (``train``) splits a run into *phases* at the UniBCT refinement epochs. Each phase
+is one ``TorchTrainer.fit()`` that resumes from the previous checkpoint; between phases the
+driver extracts new-model features on an actor pool, refines the class prototypes on
+refinement actors (class ranges) and hands the result to every worker of the next phase. With
+no refinement (old model, independent, l2, bct) the run is a single phase.
+
+Inside the loop only ``get_dataset_shard``, ``report``, ``prepare_model`` and the checkpoint
+API touch Ray; the math lives in ``unibct_ray.models`` and ``unibct_ray.compat``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from unibct_ray.checkpoint import CHECKPOINT_FILE, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from unibct_ray.config import TrainConfig, from_dict, to_dict
+from unibct_ray.data.shards import atomic_write_text, read_columns, read_manifest
+from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, training_dataset
+from unibct_ray.errors import UserError
+
+__all__ = ["train", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up, then ``base_lr * (1 - t / T) ** power`` (insightface's polynomial decay)."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = min(max(step - warmup_steps, 0), max(total_steps - warmup_steps, 1))
+    return base_lr * (1.0 - t / max(total_steps - warmup_steps, 1)) ** power
+
+
+def plan_phases(start_epoch: int, epochs: int, refine_epochs: tuple[int, ...], method: str) -> list[tuple[int, int, bool]]:
+    """[(first epoch, end epoch, refine before it)] covering ``start_epoch..epochs``."""
+    cuts = sorted(e for e in set(refine_epochs) if method == "unibct" and 0 < e < epochs)
+    edges = [0, *cuts, epochs]
+    phases = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        if b <= start_epoch:
+            continue
+        phases.append((max(a, start_epoch), b, a in cuts))
+    return phases
+
+
+class _TrainModule(torch.nn.Module):
+    """Backbone + margin classifier as one module, so DDP syncs both."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.backbone(x)
+        return emb, self.head(emb, labels)
+
+
+def _build(cfg: TrainConfig, num_classes: int) -> _TrainModule:
+    from unibct_ray.models.heads import NormalizedClassifier, margin_function
+    from unibct_ray.models.iresnet import build_backbone
+
+    backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.data.image_size, cfg.model.dropout)
+    head = NormalizedClassifier(num_classes, cfg.model.embedding_size,
+                                margin_function(cfg.head.type, cfg.head.scale, cfg.head.margin))
+    return _TrainModule(backbone, head)
+
+
+def _unwrap(module: torch.nn.Module) -> _TrainModule:
+    return module.module if hasattr(module, "module") else module
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Ray Train worker: epochs ``loop['first_epoch'] .. loop['end_epoch']`` of ``loop['config']``."""
+    import ray.train
+    import ray.train.torch
+
+    from unibct_ray.compat.losses import CompatLoss
+    from unibct_ray.training import train_step
+
+    cfg = from_dict(loop["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts anyway)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    model = _build(cfg, loop["num_classes"])
+    state = None
+    ckpt = ray.train.get_checkpoint()  # set when Ray restarts the group after a failure
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    elif loop.get("resume_from"):
+        state = load_checkpoint(loop["resume_from"])
+    if state is not None:
+        model.backbone.load_state_dict(state["model"])
+        model.head.load_state_dict(state["head"])
+    model = ray.train.torch.prepare_model(model)
+    params_backbone = list(_unwrap(model).backbone.parameters())
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.effective_lr,
+        momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+    )
+    first_epoch, end_epoch = loop["first_epoch"], loop["end_epoch"]
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch = max(first_epoch, int(state["epoch"]))
+        step = int(state["step"])
+
+    prototypes = None
+    if loop.get("prototypes"):
+        prototypes = torch.from_numpy(np.load(loop["prototypes"])).float().to(device)
+    compat = CompatLoss(cfg.compat.method, weight=cfg.compat.weight, l2_margin=cfg.compat.l2_margin,
+                        scale=cfg.compat.scale, margin=cfg.compat.margin)
+    steps_per_epoch = loop["steps_per_epoch"]
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+    use_amp = cfg.use_gpu and cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(first_epoch, end_epoch):
+        model.train()
+        w = compat.weight_at(epoch, cfg.compat.refine_epochs)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, head, compat, images
+        t0 = time.perf_counter()
+        n_steps = 0
+        for batch in shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True, device=device):
+            if n_steps >= steps_per_epoch:
+                break  # equal step counts on every rank, or DDP would wait forever
+            lr = poly_lr(cfg.effective_lr, step, total_steps, cfg.optim.poly_power, warmup)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            y = batch["label"]
+            r = train_step(model, optimizer, batch["image"], y, compat=compat, weight=w,
+                           old_features=batch.get(OLD_FEATURE_COLUMN), prototypes=prototypes,
+                           clip_params=params_backbone, clip_norm=cfg.optim.clip_grad_norm,
+                           scaler=scaler, autocast_device="cuda" if use_amp else None)
+            step += 1
+            n_steps += 1
+            sums += torch.tensor([r.loss, r.head_loss, r.compat_loss, len(y)], dtype=torch.float64)
+        elapsed = time.perf_counter() - t0
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": float(sums[0] / max(n_steps * world, 1)),
+            "head_loss": float(sums[1] / max(n_steps * world, 1)),
+            "compat_loss": float(sums[2] / max(n_steps * world, 1)),
+            "compat_weight": float(w),
+            "lr": float(lr) if n_steps else float("nan"),
+            "images_per_s": float(sums[3] / max(elapsed, 1e-9)),
+            "steps": n_steps,
+            "epoch_s": elapsed,
+        }
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                inner = _unwrap(model)
+                save_checkpoint(Path(d) / CHECKPOINT_FILE, {
+                    "config": json.dumps(loop["config"]),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "num_classes": loop["num_classes"],
+                    "model": inner.backbone.state_dict(),
+                    "head": inner.head.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "prototypes": prototypes.cpu() if prototypes is not None else None,
+                    "metrics": json.dumps(metrics),
+                })
+                atomic_write_text(Path(d) / "meta.json", json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
+                _append_metrics(Path(loop["run_dir"]) / "metrics.csv", metrics)
+                print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.optim.epochs} loss {metrics['loss']:.4f} "
+                      f"(head {metrics['head_loss']:.4f}, compat {metrics['compat_loss']:.4f} x{w:g}) "
+                      f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} img/s", flush=True)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def _append_metrics(path: Path, metrics: dict) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(metrics))
+        if new:
+            w.writeheader()
+        w.writerow(metrics)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict
+
+
+def _num_classes(shards: str) -> int:
+    m = read_manifest(shards)
+    return int(max(m.classes, int(m.extra.get("label_max", m.classes - 1)) + 1))
+
+
+def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str) -> Path:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=phase,
+            storage_path=str(run_dir.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"training phase {phase} failed after {cfg.max_failures} restarts: {e}") from e
+    if result.checkpoint is None:
+        raise RuntimeError(f"training phase {phase} finished without a checkpoint")
+    return Path(result.checkpoint.path) / CHECKPOINT_FILE
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> TrainResult:
+    """Run (or resume) a training job on the connected Ray cluster; returns the last checkpoint."""
+    from unibct_ray.distributed.prototypes import build_prototypes
+
+    run_dir = Path(resume) if resume else Path(cfg.storage) / cfg.name
+    start_epoch, resume_from = 0, None
+    if resume:
+        latest = find_latest_checkpoint(run_dir)
+        if latest is None:
+            raise UserError(f"{run_dir}: no checkpoint to resume from")
+        state = load_checkpoint(latest)
+        stored = from_dict(json.loads(state["config"]), f"{latest}")
+        if to_dict(stored) != to_dict(cfg):
+            cfg = stored  # the run's own config wins; a resumed run must not change its recipe
+        start_epoch, resume_from = int(state["epoch"]), str(latest)
+        if start_epoch >= cfg.optim.epochs:
+            return TrainResult(run_dir, latest, json.loads(state["metrics"]))
+    elif run_dir.exists() and find_latest_checkpoint(run_dir) is not None:
+        raise UserError(f"{run_dir}: a run with checkpoints already exists (use --resume {run_dir} "
+                        "or another name)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    train_dir = cfg.data.train
+    num_classes = _num_classes(train_dir)
+    method = cfg.compat.method
+    # Old-model features over the new training set, once per run, keyed by record index.
+    if method != "independent":
+        from unibct_ray.distributed.extract import extract_features
+
+        aug = run_dir / "old_features"
+        if not (aug / "manifest.json").exists():
+            print(f"[{cfg.name}] extracting old-model features of {train_dir} ({cfg.extract_actors} actors)", flush=True)
+            extract_features(train_dir, aug, checkpoint=cfg.compat.old_checkpoint, column=OLD_FEATURE_COLUMN,
+                             keep_images=True, actors=cfg.extract_actors)
+        train_dir = str(aug)
+    rows = read_manifest(train_dir).rows
+    steps_per_epoch = rows // cfg.global_batch
+    if steps_per_epoch < 1:
+        raise UserError(f"{train_dir}: {rows} rows are fewer than one global batch of {cfg.global_batch}")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch line says enough
+    dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip)
+
+    checkpoint = Path(resume_from) if resume_from else None
+    for first, end, refine in plan_phases(start_epoch, cfg.optim.epochs, cfg.compat.refine_epochs, method):
+        protos = None
+        if method == "bct" or (method == "unibct" and (first >= min(cfg.compat.refine_epochs, default=10**9))):
+            protos = build_prototypes(cfg, run_dir, train_dir, num_classes, checkpoint, epoch=first, refine=refine)
+        loop = {
+            "config": to_dict(cfg), "num_classes": num_classes, "steps_per_epoch": steps_per_epoch,
+            "first_epoch": first, "end_epoch": end, "run_dir": str(run_dir.resolve()),
+            "resume_from": str(checkpoint) if checkpoint else None,
+            "prototypes": str(protos) if protos else None,
+        }
+        checkpoint = _fit(cfg, loop, dataset, run_dir, f"epochs-{first:03d}-{end:03d}")
+    state = load_checkpoint(checkpoint)
+    final = run_dir / "final.pt"
+    import shutil
+
+    shutil.copyfile(checkpoint, final)
+    return TrainResult(run_dir, final, json.loads(state["metrics"]))
