@@ -162,6 +162,44 @@ def _cmd_bench_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def bench_search(gallery_size: int, queries: int, dim: int, k: int, shards: int, seed: int) -> dict:
+    """One FAISS flat index using every core vs ``shards`` Ray actors (one thread each), same top-k."""
+    import faiss
+    import ray
+
+    from unibct_ray.distributed.knn import RayShardedKNN
+    from unibct_ray.distributed.runtime import ensure_ray
+    from unibct_ray.metrics.knn import FaissKNN
+
+    rng = np.random.default_rng(seed)
+    gal = rng.standard_normal((gallery_size, dim), dtype=np.float32)
+    gal /= np.linalg.norm(gal, axis=1, keepdims=True)
+    q = gal[rng.integers(0, gallery_size, queries)] + 0.05 * rng.standard_normal((queries, dim), dtype=np.float32)
+    ensure_ray()
+    cores = os.cpu_count() or 1
+    faiss.omp_set_num_threads(cores)
+    t = time.perf_counter()
+    s1, i1 = FaissKNN(index="flat")(gal, q, k)
+    one = time.perf_counter() - t
+    t = time.perf_counter()
+    s2, i2 = RayShardedKNN(shards=shards, index="flat")(gal, q, k)
+    sharded = time.perf_counter() - t
+    return {
+        "gallery": gallery_size, "queries": queries, "dim": dim, "k": k, "cores": cores,
+        "one_index_threads": cores, "one_index_s": round(one, 2), "one_index_qps": round(queries / one, 1),
+        "shards": shards, "sharded_s": round(sharded, 2), "sharded_qps": round(queries / sharded, 1),
+        "speedup": round(one / sharded, 3), "identical_topk": bool(np.array_equal(i1, i2)),
+        "max_score_diff": float(np.abs(s1 - s2).max()),
+        "ray_nodes": len(ray.nodes()),
+        "note": "sharded time includes shipping each shard to its actor and the exact merge",
+    }
+
+
+def _cmd_bench_search(a: argparse.Namespace) -> int:
+    print(json.dumps(bench_search(a.gallery, a.queries, a.dim, a.k, a.shards, a.seed), indent=2))
+    return 0
+
+
 def add_bench_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     bench = sub.add_parser("bench", help="speed benchmarks (figures quoted in the README)",
                            description="Speed benchmarks, measured side by side in one run.")
@@ -184,3 +222,17 @@ def add_bench_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     p.add_argument("--cold", action="store_true", help="drop the .rec from the page cache before each step")
     p.add_argument("--keep", action="store_true", help="keep the converted shards")
     p.set_defaults(run=_cmd_bench_convert)
+
+    p = bsub.add_parser(
+        "search", formatter_class=formatter,
+        help="FAISS gallery shards on Ray actors vs one index",
+        description="Exact inner-product top-k of --queries against a random --gallery: one FAISS flat\n"
+                    "index with all cores vs --shards Ray actors holding a slice each (one thread each),\n"
+                    "merged exactly. Prints JSON with both QPS and whether the top-k are identical.")
+    p.add_argument("--gallery", type=int, default=1_000_000)
+    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_cmd_bench_search)

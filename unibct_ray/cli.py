@@ -109,6 +109,22 @@ def _cmd_prototypes(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- eval
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from unibct_ray.distributed.evaluate import EvalArgs, run_eval
+    from unibct_ray.distributed.runtime import ensure_ray
+
+    args = EvalArgs(ijbc=a.ijbc, out=a.out, old_checkpoint=a.old_checkpoint, old_features=a.old_features,
+                    new_checkpoint=a.new_checkpoint, new_features=a.new_features, criterion_far=a.criterion_far,
+                    distractors=a.distractors, distractor_features=a.distractor_features, index=a.index,
+                    shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite)
+    ensure_ray(a.address, num_cpus=a.num_cpus)
+    r = run_eval(args)
+    crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
+    print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def _cmd_demo(a: argparse.Namespace) -> int:
     from unibct_ray.demo import run_demo
@@ -233,6 +249,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-refine", action="store_true", help="plain normalised class means")
     p.add_argument("--workers", type=int, default=1, help="Ray actors (1 = in this process)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    p = _sub(sub, "eval", "IJB-C 1:1 and 1:N, self- and cross-model",
+             "Evaluate an old and/or a new model on an IJB-C folder (the insightface layout:\n"
+             "ROOT/IJBC/meta/*, ROOT/IJBC/loose_crop/*.jpg; ROOT may also be the IJBC folder).\n"
+             "Each model comes as a checkpoint (images aligned with their 5 points, emb + flip,\n"
+             "on a Ray actor pool; cached in OUT/cache) or as per-image features (.npy, float32\n"
+             "or float16, rows in ijbc_name_5pts_score.txt order, already emb + flip).\n\n"
+             "Tests: self_old, self_new and cross (1:1: enrolment column OLD, verification NEW;\n"
+             "1:N: galleries OLD, probes NEW). compatible = cross > self_old at --criterion-far\n"
+             "(and, with --bootstrap N, the 95%% interval of the difference above 0).\n"
+             "Writes OUT/report.json, OUT/report.md, OUT/roc.png, OUT/cmc.png.",
+             _cmd_eval)
+    p.add_argument("--ijbc", required=True, type=Path, help="IJB-C root")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--old-checkpoint", type=Path, default=None)
+    g.add_argument("--old-features", type=Path, default=None)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--new-checkpoint", type=Path, default=None)
+    g.add_argument("--new-features", type=Path, default=None)
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--criterion-far", type=float, default=1e-4, help="FAR of the compatibility criterion")
+    p.add_argument("--bootstrap", type=int, default=200, help="subject resamples for 95%% intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap / distractor seed")
+    p.add_argument("--distractors", type=int, default=0, help="distractors added to each 1:N gallery")
+    p.add_argument("--distractor-features", type=Path, default=None,
+                   help="old-model embeddings of distractor faces (.npy); default: render synthetic faces")
+    p.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat", help="FAISS index for 1:N")
+    p.add_argument("--shards", type=int, default=2, help="gallery shards on Ray actors (1: in process)")
+    p.add_argument("--actors", type=int, default=2, help="feature-extraction actors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
 
     p = _sub(sub, "demo", "the embedded default end to end on local Ray",
              "Run the main job on the embedded default: synthetic data, local Ray, CPU.",

@@ -1,0 +1,102 @@
+"""`unibct-ray eval` on the synthetic IJB-C folder from features, through Ray FAISS shards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unibct_ray.cli import main
+from unibct_ray.data import ijbc
+from unibct_ray.distributed.knn import RayShardedKNN
+from unibct_ray.metrics.knn import brute_force_knn
+
+
+@pytest.fixture(scope="module")
+def ijbc_dir(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ev") / "synth"
+    assert main(["data", "synth", "--out", str(out), "--identities", "2", "--images-per-identity", "2",
+                 "--size", "32", "--eval-identities", "30", "--probes-per-identity", "2",
+                 "--impostor-pairs", "800", "--no-progress"]) == 0
+    return out
+
+
+def features(meta, noise: float, seed: int, d: int = 16) -> np.ndarray:
+    """Identity-structured features: subject centre + noise (old and new share centres)."""
+    rng = np.random.default_rng(seed)
+    subj = {}
+    tid_to_subject = {}
+    for ts in (meta.gallery1, meta.gallery2, meta.probes):
+        tid_to_subject.update(zip(ts.templates.tolist(), ts.subjects.tolist()))
+    out = np.zeros((len(meta.image_names), d), np.float32)
+    for i, t in enumerate(meta.templates.tolist()):
+        s = tid_to_subject[t]
+        if s not in subj:
+            subj[s] = np.random.default_rng(1000 + s).standard_normal(d)
+        out[i] = subj[s] + noise * rng.standard_normal(d)
+    return out
+
+
+def test_eval_from_features(ijbc_dir, tmp_path, capsys):
+    meta = ijbc.read_ijbc_meta(ijbc_dir)
+    np.save(tmp_path / "old.npy", features(meta, 1.5, 1))
+    np.save(tmp_path / "new.npy", features(meta, 0.5, 2).astype(np.float16))  # float16 accepted
+    out = tmp_path / "report"
+    code = main(["eval", "--ijbc", str(ijbc_dir), "--old-features", str(tmp_path / "old.npy"),
+                 "--new-features", str(tmp_path / "new.npy"), "--out", str(out), "--bootstrap", "40",
+                 "--shards", "2", "--distractors", "50", "--distractor-features", str(tmp_path / "old.npy")])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    for test in ("self_old", "self_new", "cross"):
+        assert set(rep["verification"][test]) == {"1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"}
+        assert set(rep["identification"][test]) == {"top1", "top5", "top10", "tpir@fpir=1e-2", "tpir@fpir=1e-1"}
+    # the less noisy new model, sharing the subject centres, beats the old one everywhere
+    assert rep["verification"]["self_new"]["1e-2"] > rep["verification"]["self_old"]["1e-2"]
+    assert rep["verification"]["cross"]["1e-1"] > rep["verification"]["self_old"]["1e-1"]
+    assert isinstance(rep["compatible"], bool)
+    for f in ("report.md", "roc.png", "cmc.png"):
+        assert (out / f).stat().st_size > 0
+    assert Image.open(out / "roc.png").size[0] > 100
+    assert "Compatible:" in (out / "report.md").read_text()
+
+
+def test_one_model_only(ijbc_dir, tmp_path):
+    meta = ijbc.read_ijbc_meta(ijbc_dir)
+    np.save(tmp_path / "new.npy", features(meta, 0.5, 2))
+    assert main(["eval", "--ijbc", str(ijbc_dir / "IJBC"), "--new-features", str(tmp_path / "new.npy"),
+                 "--out", str(tmp_path / "r"), "--bootstrap", "0", "--shards", "1"]) == 0
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert set(rep["verification"]) == {"self_new"} and rep["compatible"] is None
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda a: a[:-1], "rows, but the IJB-C meta lists"),
+    (lambda a: a[:, :8], "embedding size 8 differs"),
+    (lambda a: np.where(np.arange(len(a))[:, None] == 3, np.nan, a).astype(np.float32), "row 3 holds NaN"),
+    (lambda a: a.astype(np.float64), "must be float32 or float16"),
+])
+def test_bad_feature_files(ijbc_dir, tmp_path, capsys, mutate, needle):
+    meta = ijbc.read_ijbc_meta(ijbc_dir)
+    good = features(meta, 1.0, 1)
+    np.save(tmp_path / "old.npy", good)
+    np.save(tmp_path / "new.npy", mutate(good))
+    out = tmp_path / "r"
+    code = main(["eval", "--ijbc", str(ijbc_dir), "--old-features", str(tmp_path / "old.npy"),
+                 "--new-features", str(tmp_path / "new.npy"), "--out", str(out), "--bootstrap", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "new.npy" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "report.json").exists()
+
+
+def test_ray_shards_equal_one_index(ray_session):
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((1001, 8)).astype(np.float32)
+    gallery[500] = gallery[10]  # an exact tie across shards
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[[10, 3, 900]] + 0.01 * rng.standard_normal((3, 8)).astype(np.float32)
+    s1, i1 = brute_force_knn(gallery, queries, 7)
+    s2, i2 = RayShardedKNN(shards=3)(gallery, queries, 7)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-6)
