@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from unibct_ray.compat.losses import CompatLoss
+
 __all__ = ["StepResult", "train_step"]
 
 
@@ -23,7 +25,7 @@ def train_step(
     x: torch.Tensor,
     labels: torch.Tensor,
     *,
-    compat: torch.nn.Module | None = None,
+    compat: "CompatLoss | None" = None,
     weight: float = 0.0,
     old_features: torch.Tensor | None = None,
     prototypes: torch.Tensor | None = None,
@@ -44,7 +46,7 @@ def train_step(
         head_loss = F.cross_entropy(logits.float(), labels)
         comp = emb.new_zeros((), dtype=torch.float32)
         if weight > 0 and compat is not None:
-            comp = compat(emb.float(), old_features, labels, prototypes)
+            comp = compat.value(emb.float(), old_features, labels, prototypes)  # unweighted L_comp
         loss = head_loss + weight * comp
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
