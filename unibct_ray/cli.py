@@ -95,7 +95,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, num_workers=a.num_workers or cfg.num_workers, use_gpu=a.use_gpu or cfg.use_gpu).validate(str(a.config))
-    ensure_ray(a.address, num_cpus=a.num_cpus, quiet=False)
+    ensure_ray(a.address, num_cpus=a.num_cpus)
     res = train(cfg, resume=a.resume)
     print(f"done: {res.checkpoint} (epoch {res.metrics.get('epoch')}, loss {res.metrics.get('loss', float('nan')):.4f})")
     return 0

@@ -42,6 +42,7 @@ class DataSection:
     train: str = ""               # shard set (a `data convert`/`data split` output directory)
     image_size: int = 112         # crops are resized to this if they differ
     flip: bool = True             # random horizontal flip (the only augmentation, as the paper)
+    cache_bytes: int = 2_000_000_000  # shard sets up to this size are read once into the object store
 
 
 @dataclass(frozen=True)

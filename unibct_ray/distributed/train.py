@@ -183,9 +183,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 })
                 atomic_write_text(Path(d) / "meta.json", json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
                 _append_metrics(Path(loop["run_dir"]) / "metrics.csv", metrics)
-                print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.optim.epochs} loss {metrics['loss']:.4f} "
-                      f"(head {metrics['head_loss']:.4f}, compat {metrics['compat_loss']:.4f} x{w:g}) "
-                      f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} img/s", flush=True)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -213,6 +210,53 @@ def _num_classes(shards: str) -> int:
     return int(max(m.classes, int(m.extra.get("label_max", m.classes - 1)) + 1))
 
 
+class _ProgressTail:
+    """Print each new row of ``metrics.csv`` as a progress line while ``fit()`` runs.
+
+    Workers' stdout does not reach a quiet driver; the CSV (written by rank 0 on shared
+    storage) does, whatever node rank 0 is on.
+    """
+
+    def __init__(self, path: Path, name: str, epochs: int):
+        import threading
+
+        self.path, self.name, self.epochs = path, name, epochs
+        self.seen = self._rows()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rows(self) -> int:
+        try:
+            return max(0, len(self.path.read_text().splitlines()) - 1)
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        while not self.stop.wait(2.0):
+            self.flush()
+
+    def flush(self) -> None:
+        try:
+            rows = list(csv.DictReader(open(self.path)))
+        except OSError:
+            return
+        for r in rows[self.seen:]:
+            print(f"[{self.name}] epoch {r['epoch']}/{self.epochs}  loss {float(r['loss']):.4f} "
+                  f"(head {float(r['head_loss']):.4f}, compat {float(r['compat_loss']):.4f} "
+                  f"x{float(r['compat_weight']):g})  lr {float(r['lr']):.4g}  "
+                  f"{float(r['images_per_s']):.0f} img/s  {float(r['epoch_s']):.1f} s", flush=True)
+        self.seen = max(self.seen, len(rows))
+
+    def __enter__(self) -> "_ProgressTail":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.flush()
+
+
 def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str) -> Path:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -233,7 +277,8 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
         datasets={"train": dataset},
     )
     try:
-        result = trainer.fit()
+        with _ProgressTail(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RuntimeError(f"training phase {phase} failed after {cfg.max_failures} restarts: {e}") from e
     if result.checkpoint is None:
@@ -245,7 +290,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
     """Run (or resume) a training job on the connected Ray cluster; returns the last checkpoint."""
     from unibct_ray.distributed.prototypes import build_prototypes
 
-    run_dir = Path(resume) if resume else Path(cfg.storage) / cfg.name
+    # Absolute paths: Ray Train workers and actors do not share the driver's working directory.
+    run_dir = (Path(resume) if resume else Path(cfg.storage) / cfg.name).resolve()
     start_epoch, resume_from = 0, None
     if resume:
         latest = find_latest_checkpoint(run_dir)
@@ -264,7 +310,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
 
-    train_dir = cfg.data.train
+    train_dir = str(Path(cfg.data.train).resolve())
     num_classes = _num_classes(train_dir)
     method = cfg.compat.method
     # Old-model features over the new training set, once per run, keyed by record index.
@@ -274,7 +320,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
         aug = run_dir / "old_features"
         if not (aug / "manifest.json").exists():
             print(f"[{cfg.name}] extracting old-model features of {train_dir} ({cfg.extract_actors} actors)", flush=True)
-            extract_features(train_dir, aug, checkpoint=cfg.compat.old_checkpoint, column=OLD_FEATURE_COLUMN,
+            extract_features(train_dir, aug, checkpoint=Path(cfg.compat.old_checkpoint).resolve(), column=OLD_FEATURE_COLUMN,
                              keep_images=True, actors=cfg.extract_actors)
         train_dir = str(aug)
     rows = read_manifest(train_dir).rows
@@ -282,7 +328,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
     if steps_per_epoch < 1:
         raise UserError(f"{train_dir}: {rows} rows are fewer than one global batch of {cfg.global_batch}")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch line says enough
-    dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip)
+    dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip, cache_bytes=cfg.data.cache_bytes)
 
     checkpoint = Path(resume_from) if resume_from else None
     for first, end, refine in plan_phases(start_epoch, cfg.optim.epochs, cfg.compat.refine_epochs, method):
@@ -293,7 +339,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
             "config": to_dict(cfg), "num_classes": num_classes, "steps_per_epoch": steps_per_epoch,
             "first_epoch": first, "end_epoch": end, "run_dir": str(run_dir.resolve()),
             "resume_from": str(checkpoint) if checkpoint else None,
-            "prototypes": str(protos) if protos else None,
+            "prototypes": str(Path(protos).resolve()) if protos else None,
         }
         checkpoint = _fit(cfg, loop, dataset, run_dir, f"epochs-{first:03d}-{end:03d}")
     state = load_checkpoint(checkpoint)
