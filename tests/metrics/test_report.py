@@ -1,0 +1,164 @@
+"""Report schema, files and the evaluate_features glue (validation, paths that must agree)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from unibct_ray.metrics.bench_eval import (
+    FULL,
+    public_pair_scores,
+    public_pool_templates,
+    synthetic_ijbc,
+)
+from unibct_ray.metrics.evaluate import evaluate_features
+from unibct_ray.metrics.knn import ShardedKNN, faiss_knn
+from unibct_ray.metrics.report import build_report, report_markdown, write_report
+from unibct_ray.metrics.templates import pool_templates
+from unibct_ray.metrics.verification import pair_scores
+
+FAR_KEYS = ["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"]
+ID_KEYS = ["top1", "top5", "top10", "tpir@fpir=1e-2", "tpir@fpir=1e-1"]
+TESTS = ["self_old", "self_new", "cross"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    meta, old, new, _ = synthetic_ijbc(0.01, seed=2, dim=32, impostor_pairs=5000)
+    return meta, old, new
+
+
+@pytest.fixture(scope="module")
+def evaluated(data):
+    meta, old, new = data
+    return evaluate_features(meta, old, new)
+
+
+def test_schema_exact(evaluated):
+    report, curves = evaluated
+    assert {"verification", "identification", "compatible", "compatible_rule", "difference",
+            "protocol"} <= set(report)
+    assert list(report["verification"]) == TESTS and list(report["identification"]) == TESTS
+    for t in TESTS:
+        assert list(report["verification"][t]) == FAR_KEYS
+        assert list(report["identification"][t]) == ID_KEYS
+        assert all(isinstance(v, float) for v in report["verification"][t].values())
+    assert isinstance(report["compatible"], bool)
+    assert "bootstrap disabled" in report["compatible_rule"]
+    assert report["compatible"] == (report["verification"]["cross"]["1e-4"]
+                                    > report["verification"]["self_old"]["1e-4"])
+    assert set(report["difference"]) >= {"value", "ci95"} and report["difference"]["ci95"] is None
+    proto = report["protocol"]
+    for key in ("criterion_far", "flip", "detector_score_weighting", "bootstrap", "seed", "knn"):
+        assert key in proto
+    assert proto["criterion_far"] == 1e-4 and proto["bootstrap"] == 0
+    json.dumps(report, allow_nan=False)  # JSON-ready as returned
+
+
+def test_write_report_files(evaluated, tmp_path):
+    from matplotlib.image import imread
+
+    report, curves = evaluated
+    paths = write_report(report, tmp_path / "out", curves.roc, curves.cmc)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["cmc.png", "report.json", "report.md", "roc.png"]  # no temporary files left
+    loaded = json.loads(paths["json"].read_text())
+    assert loaded["verification"] == report["verification"]
+    md = paths["md"].read_text()
+    verdict = "yes" if report["compatible"] else "no"
+    assert f"Compatible: {verdict} at FAR=1e-4" in md
+    assert "| self_old |" in md and "tpir@fpir=1e-2" in md
+    for name in ("roc", "cmc"):
+        raw = paths[name].read_bytes()
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+        img = imread(paths[name])
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_single_model_only_self_and_null_compatible(data):
+    meta, old, new = data
+    report, curves = evaluate_features(meta, None, new)
+    assert list(report["verification"]) == ["self_new"]
+    assert list(report["identification"]) == ["self_new"]
+    assert report["compatible"] is None and "needs both" in report["compatible_rule"]
+    assert "Compatible: n/a at FAR=1e-4" in report_markdown(report)
+
+
+def test_nan_is_null_with_note(tmp_path):
+    ver = {"self_old": dict.fromkeys(FAR_KEYS, 0.5), "cross": dict.fromkeys(FAR_KEYS, 0.6)}
+    ver["self_old"]["1e-6"] = float("nan")
+    idn = {t: dict.fromkeys(ID_KEYS, 0.9) for t in ver}
+    report = build_report(ver, idn)
+    assert report["verification"]["self_old"]["1e-6"] is None
+    assert any("self_old.1e-6" in n for n in report["notes"])
+    assert report["compatible"] is True
+    write_report(report, tmp_path, {}, {})
+    assert json.loads((tmp_path / "report.json").read_text())["verification"]["self_old"]["1e-6"] is None
+    ver["cross"]["1e-4"] = float("nan")
+    undecided = build_report(ver, idn)
+    assert undecided["compatible"] is None and "undefined" in undecided["compatible_rule"]
+    with pytest.raises(ValueError, match="unknown verification"):
+        build_report({"selfold": {}}, {})
+
+
+def test_backends_and_paths_agree(data, evaluated):
+    meta, old, new = data
+    ref = evaluated[0]
+    assert ref["protocol"]["score_grid_shared"] is True
+    for kwargs in ({"reuse_scores": False}, {"knn": faiss_knn("flat")},
+                   {"knn": ShardedKNN(faiss_knn("flat"), 3)}, {"roc_backend": "sklearn"}):
+        rep, _ = evaluate_features(meta, old, new, **kwargs)
+        assert rep["protocol"]["score_grid_shared"] is False or "roc_backend" in kwargs
+        for section in ("verification", "identification"):
+            for t in TESTS:
+                assert rep[section][t] == pytest.approx(ref[section][t], abs=2e-3), (kwargs, section, t)
+
+
+def test_flip_tuple_equals_precomputed_sum(data, evaluated):
+    meta, old, new = data
+    rng = np.random.default_rng(0)
+    half = rng.standard_normal(old.shape).astype(np.float32)
+    rep, _ = evaluate_features(meta, (old - half, half), new)
+    for t in TESTS:
+        assert rep["verification"][t] == pytest.approx(evaluated[0]["verification"][t], abs=2e-3)
+    assert "emb(flipped)" in rep["protocol"]["flip"]
+
+
+def test_input_validation(data):
+    meta, old, new = data
+    with pytest.raises(ValueError, match=r"old features have \d+ rows but the IJB-C meta lists"):
+        evaluate_features(meta, old[:-1], new)
+    with pytest.raises(ValueError, match="old features have dim 32, new features dim 16"):
+        evaluate_features(meta, old, new[:, :16])
+    bad = new.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(ValueError, match="new features: row 5"):
+        evaluate_features(meta, old, bad)
+    bad[5, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        evaluate_features(meta, None, bad)
+    with pytest.raises(ValueError, match="give old_feats, new_feats or both"):
+        evaluate_features(meta, None, None)
+    with pytest.raises(ValueError, match="emb_flip"):
+        evaluate_features(meta, (old, old[:, :3]), None)
+
+
+def test_bench_generator_and_public_side(data):
+    meta, old, new = data
+    # sizes: full scale is exact, smaller scales shrink in proportion
+    assert FULL["templates"] == FULL["g1"] + FULL["g2"] + FULL["probes"]
+    assert len(meta.gallery1) + len(meta.gallery2) + len(meta.probes) == np.unique(meta.templates).size
+    assert int(meta.pair_labels.sum()) == round(FULL["genuine"] * 0.01)
+    assert np.unique(meta.pairs, axis=0).shape[0] == meta.n_pairs  # no repeated pair
+    # the public algorithm written in the bench agrees with ours
+    img = old * meta.scores[:, None]
+    pub, pub_ids = public_pool_templates(img, meta.templates, meta.medias)
+    ids, ours = pool_templates(old, meta.templates, meta.medias, meta.scores)
+    np.testing.assert_array_equal(pub_ids, ids)
+    np.testing.assert_allclose(pub, ours, atol=1e-5)
+    s_pub, done = public_pair_scores(pub, pub, pub_ids, meta.pairs, batch=1000)
+    assert done == math.ceil(meta.n_pairs / 1000)
+    np.testing.assert_allclose(s_pub, pair_scores(ids, ours, ours, meta.pairs), atol=1e-5)
