@@ -45,7 +45,7 @@ def run_demo(out: Path, *, overwrite: bool = False, scenario: str = "open-class"
 
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    spec = SynthSpec(identities=100, images_per_identity=20, size=48, eval_identities=100)
+    spec = SynthSpec(identities=100, images_per_identity=30, size=48, eval_identities=100)
     _say(f"1/6 rendering the synthetic benchmark into {out / 'synth'}")
     s = synthesize(spec, out / "synth")
     _say(f"    {s['train']['images']} training images of {s['train']['identities']} identities; IJB-C: "
