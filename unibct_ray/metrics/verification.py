@@ -6,8 +6,9 @@
 - ROC = ``sklearn.metrics.roc_curve(labels, scores)`` with its defaults (threshold at +inf
   first, ``drop_intermediate=True``). :func:`roc_curve` reproduces that output exactly
   (same fpr/tpr/thresholds arrays; tested against sklearn, ties and sample weights
-  included) in O(m) after one ``np.sort``, because sklearn's stable argsort and checks take
-  ~10 s on the 15.7M IJB-C pairs here. ``backend="sklearn"`` calls sklearn itself.
+  included) in O(m) after one ``np.sort``: ~0.5 s instead of sklearn's ~10 s on the
+  15.7M IJB-C pairs here (its stable argsort and input checks), which would otherwise be
+  most of a report's time. ``backend="sklearn"`` calls sklearn itself.
 - TAR@FAR f = TPR at the ROC point whose FPR is nearest to f; among equally near points the
   highest TPR. (insightface takes the lowest index on ties, i.e. the lowest TPR: on a
   vertical ROC segment the two differ.)
