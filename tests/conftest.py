@@ -19,3 +19,14 @@ def ray_session():
         ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny tensors: one OpenMP thread avoids barrier stalls on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,12 +17,8 @@ from unibct_ray.compat.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -28,13 +28,8 @@ from unibct_ray.models.heads import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one OpenMP thread avoids barrier stalls on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def explicit_arcface(cos: np.ndarray, labels: np.ndarray, s: float, m: float) -> np.ndarray:

@@ -11,14 +11,7 @@ from unibct_ray.models.iresnet import BACKBONE_SPECS, build_backbone, final_map_
 PARAM_COUNTS = {"r18": 24_025_600, "r34": 34_139_328, "r50": 43_590_848, "r100": 65_156_160}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors gain nothing from 2 OpenMP threads, and on a shared 2-core machine an
-    OpenMP barrier waiting for a descheduled thread turns milliseconds into seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_r18_batch_of_two_at_112():
