@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from tqdm.auto import tqdm
 
 from unibct_ray.data import ms1m
 from unibct_ray.data.convert import RangeResult, convert_range, plan_ranges
 from unibct_ray.data.recordio import RecordIOReader
 from unibct_ray.data.shards import Manifest, StagedDir, read_manifest, shard_name, write_manifest
-from unibct_ray.distributed.runtime import unwrap_task_error
+from unibct_ray.distributed.runtime import run_tasks
 
 __all__ = ["convert_rec"]
 
@@ -53,28 +52,11 @@ def convert_rec(
     if parallelism is None:
         parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
     with StagedDir(out, overwrite=overwrite) as stage:
-        todo = list(enumerate(ranges))[::-1]
-        pending: dict = {}
-        results: dict[int, RangeResult] = {}
-        bar = tqdm(total=len(keys), unit="img", desc="convert", disable=not progress, smoothing=0.05)
-        try:
-            while todo or pending:
-                # A bounded number in flight: submitting every range at once would queue
-                # thousands of task specs and make the progress bar meaningless.
-                while todo and len(pending) < parallelism:
-                    i, (s, e) = todo.pop()
-                    ref = _convert_task.remote(reader.subset(keys[s:e]), str(stage.path / shard_name(i)), verify)
-                    pending[ref] = (i, e - s)
-                done, _ = ray.wait(list(pending), num_returns=1)
-                i, n = pending.pop(done[0])
-                results[i] = ray.get(done[0])
-                bar.update(n)
-        except ray.exceptions.RayTaskError as err:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise unwrap_task_error(err) from None
-        finally:
-            bar.close()
+        jobs = [(i, e - s, lambda i=i, s=s, e=e: _convert_task.remote(
+                    reader.subset(keys[s:e]), str(stage.path / shard_name(i)), verify))
+                for i, (s, e) in enumerate(ranges)]
+        results: dict[int, RangeResult] = run_tasks(jobs, desc="convert", progress=progress,
+                                                    parallelism=parallelism)
         shards = [results[i].shard for i in range(len(ranges))]
         labels = np.unique(np.concatenate([r.labels for r in results.values()])) if results else np.zeros(0)
         write_manifest(

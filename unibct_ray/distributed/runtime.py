@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Hashable, Sequence
 
 import ray
 
 from unibct_ray.errors import UserError
 
-__all__ = ["ensure_ray", "unwrap_task_error"]
+__all__ = ["ensure_ray", "unwrap_task_error", "run_tasks"]
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -41,3 +41,36 @@ def unwrap_task_error(err: BaseException) -> BaseException:
         err = cause
         cause = getattr(err, "cause", None)
     return err
+
+
+def run_tasks(jobs: Sequence[tuple[Hashable, int, Callable[[], Any]]], *, desc: str, unit: str = "img",
+              progress: bool = True, parallelism: int | None = None) -> dict:
+    """Run ``(key, weight, submit)`` jobs (``submit()`` returns an ObjectRef) with at most
+    ``parallelism`` in flight and a progress bar counting weights -> ``{key: result}``.
+
+    On the first failure the remaining tasks are cancelled and the user's exception (not
+    Ray's wrapper with a remote traceback) is raised.
+    """
+    from tqdm.auto import tqdm
+
+    limit = parallelism or len(jobs) or 1
+    todo = list(jobs)[::-1]
+    pending: dict = {}
+    results: dict = {}
+    bar = tqdm(total=sum(w for _, w, _ in jobs), unit=unit, desc=desc, disable=not progress, smoothing=0.05)
+    try:
+        while todo or pending:
+            while todo and len(pending) < limit:
+                key, weight, submit = todo.pop()
+                pending[submit()] = (key, weight)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            key, weight = pending.pop(done[0])
+            results[key] = ray.get(done[0])
+            bar.update(weight)
+    except ray.exceptions.RayTaskError as err:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise unwrap_task_error(err) from None
+    finally:
+        bar.close()
+    return results

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from tqdm.auto import tqdm
 
 from unibct_ray.data import ijbc
 from unibct_ray.data.recordio import RecordIOWriter
@@ -28,7 +27,7 @@ from unibct_ray.data.synth import (
     write_train_part,
     write_train_trailer,
 )
-from unibct_ray.distributed.runtime import unwrap_task_error
+from unibct_ray.distributed.runtime import run_tasks
 
 __all__ = ["synthesize"]
 
@@ -57,25 +56,6 @@ def _chunks(weights: np.ndarray, target: int, min_chunks: int) -> list[tuple[int
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _run(tasks: dict, desc: str, total: int, progress: bool) -> dict:
-    """Wait for ``{ref: (key, weight)}``; results by key; cancel the rest on the first error."""
-    results = {}
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
-    try:
-        while tasks:
-            done, _ = ray.wait(list(tasks), num_returns=1)
-            key, weight = tasks.pop(done[0])
-            results[key] = ray.get(done[0])
-            bar.update(weight)
-    except ray.exceptions.RayTaskError as err:
-        for ref in tasks:
-            ray.cancel(ref, force=True)
-        raise unwrap_task_error(err) from None
-    finally:
-        bar.close()
-    return results
-
-
 def synthesize(spec: SynthSpec, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Write ``out/train.rec``, ``out/train.idx``, ``out/IJBC/`` and ``out/synth.json``."""
     spec.validate()
@@ -85,10 +65,8 @@ def synthesize(spec: SynthSpec, out: str | os.PathLike, *, overwrite: bool = Fal
         parts = stage.path / "parts"
         parts.mkdir()
         train_chunks = _chunks(sizes, _TARGET_IMAGES_PER_TASK, cpus)
-        tasks = {}
-        for i, (a, b) in enumerate(train_chunks):
-            ref = _train_task.remote(spec, a, b, str(parts / f"part-{i:05d}.rec"))
-            tasks[ref] = (i, int(sizes[a:b].sum()))
+        jobs = [(i, int(sizes[a:b].sum()), lambda i=i, a=a, b=b: _train_task.remote(spec, a, b, str(parts / f"part-{i:05d}.rec")))
+                for i, (a, b) in enumerate(train_chunks)]
 
         plan = plan_ijbc(spec) if spec.eval_identities else None
         n_eval = len(plan.names) if plan else 0
@@ -97,10 +75,10 @@ def synthesize(spec: SynthSpec, out: str | os.PathLike, *, overwrite: bool = Fal
             (ijbc_dir / "loose_crop").mkdir(parents=True)
             (ijbc_dir / "meta").mkdir()
             plan_ref = ray.put(plan)
-            for j, (a, b) in enumerate(_chunks(np.ones(n_eval, np.int64), _TARGET_IMAGES_PER_TASK, cpus)):
-                ref = _ijbc_task.remote(spec, plan_ref, a, b, str(ijbc_dir / "loose_crop"))
-                tasks[ref] = (("ijbc", a), b - a)
-        results = _run(tasks, "synth", int(sizes.sum()) + n_eval, progress)
+            for a, b in _chunks(np.ones(n_eval, np.int64), _TARGET_IMAGES_PER_TASK, cpus):
+                jobs.append((("ijbc", a), b - a, lambda a=a, b=b: _ijbc_task.remote(
+                    spec, plan_ref, a, b, str(ijbc_dir / "loose_crop"))))
+        results = run_tasks(jobs, desc="synth", progress=progress)
 
         with RecordIOWriter(stage.path / "train.rec") as w:
             for i in range(len(train_chunks)):
