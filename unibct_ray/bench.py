@@ -247,6 +247,7 @@ def bench_pipeline(out: Path, identities: int, images_per_identity: int, size: i
     import torch
 
     from unibct_ray.config import from_dict
+    from unibct_ray.data.shards import read_manifest
     from unibct_ray.data.synth import SynthSpec
     from unibct_ray.distributed.convert import convert_rec
     from unibct_ray.distributed.runtime import ensure_ray
@@ -276,9 +277,8 @@ def bench_pipeline(out: Path, identities: int, images_per_identity: int, size: i
     with open(res.run_dir / "metrics.csv") as f:
         ray_ips = [float(r["images_per_s"]) for r in csv.DictReader(f)]
     steady_plain, steady_ray = float(np.median(plain[1:])), float(np.median(ray_ips[1:]))
-    rows = len(ray_ips) and int(identities * images_per_identity)
     return {
-        "images": rows, "size": size, "backbone": backbone, "batch": batch, "epochs": epochs,
+        "images": read_manifest(shards).rows, "size": size, "backbone": backbone, "batch": batch, "epochs": epochs,
         "plain_images_per_s": [round(x, 1) for x in plain],
         "ray_images_per_s": [round(x, 1) for x in ray_ips],
         "steady_ratio_ray_over_plain": round(steady_ray / steady_plain, 3),

@@ -55,13 +55,10 @@ class RefineActor:
         from unibct_ray.distributed.extract import read_class_range
 
         oi, ol, old = read_class_range(old_dir, OLD_FEATURE_COLUMN, c0, c1)
-        if new_dir:
-            ni, _, new = read_class_range(new_dir, FEATURE_COLUMN, c0, c1)
-            if not np.array_equal(oi, ni):
-                raise RuntimeError(f"classes {c0}..{c1}: old and new feature rows differ "
-                                   f"({len(oi)} vs {len(ni)} rows)")
-        else:
-            new = old
+        ni, _, new = read_class_range(new_dir, FEATURE_COLUMN, c0, c1)
+        if not np.array_equal(oi, ni):
+            raise RuntimeError(f"classes {c0}..{c1}: old and new feature rows differ "
+                               f"({len(oi)} vs {len(ni)} rows)")
         return self.refine_arrays(old, new, ol, c0, c1, params)
 
 
@@ -126,8 +123,8 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
         class_map = _old_class_map(cfg.compat.old_checkpoint, old_state, train_dir, num_classes)
         centres = old_state["head"]["weight"].float().numpy()
         protos = bct_prototypes(torch.from_numpy(centres), class_map, torch.from_numpy(means)).numpy()
-    elif not refine and checkpoint is not None and load_checkpoint(checkpoint).get("prototypes") is not None:
-        protos = load_checkpoint(checkpoint)["prototypes"].float().numpy()
+    elif not refine and checkpoint is not None and (stored := load_checkpoint(checkpoint).get("prototypes")) is not None:
+        protos = stored.float().numpy()  # resuming inside a phase: the refinement already ran
     elif not cfg.compat.refine:
         protos = class_means_from_shards(train_dir, OLD_FEATURE_COLUMN, num_classes)
     else:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ import torch
 
 from unibct_ray.checkpoint import CHECKPOINT_FILE, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from unibct_ray.config import TrainConfig, from_dict, to_dict
-from unibct_ray.data.shards import atomic_write_text, read_columns, read_manifest
+from unibct_ray.data.shards import atomic_write_text, read_manifest
 from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, training_dataset
 from unibct_ray.errors import UserError
 
@@ -344,7 +344,5 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
         checkpoint = _fit(cfg, loop, dataset, run_dir, f"epochs-{first:03d}-{end:03d}")
     state = load_checkpoint(checkpoint)
     final = run_dir / "final.pt"
-    import shutil
-
     shutil.copyfile(checkpoint, final)
     return TrainResult(run_dir, final, json.loads(state["metrics"]))
