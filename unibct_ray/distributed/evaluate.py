@@ -45,6 +45,7 @@ class EvalArgs:
     seed: int = 0
     actors: int = 2
     overwrite: bool = False
+    cache_dir: Path | None = None  # default OUT/cache; share one between runs on the same IJB-C folder
 
 
 def load_feature_file(path: Path, n_images: int, what: str) -> np.ndarray:
@@ -226,7 +227,7 @@ def run_eval(a: EvalArgs) -> dict:
         raise UserError(f"--index must be flat, ivf or hnsw, got {a.index!r}")
     meta = ijbc.read_ijbc_meta(a.ijbc)
     n = len(meta.image_names)
-    cache = a.out / "cache"
+    cache = a.cache_dir if a.cache_dir is not None else a.out / "cache"
 
     def side(ckpt: Path | None, feats: Path | None, what: str) -> np.ndarray | None:
         if feats:
