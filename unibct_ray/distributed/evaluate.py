@@ -116,6 +116,10 @@ def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, 
 
     load_checkpoint(checkpoint)  # refuse hostile/foreign files before any actor starts
     key = _file_hash(checkpoint)
+    # The folder's fingerprint too: a cache shared between IJB-C folders must not mix them up.
+    h = hashlib.sha256("\n".join(meta.image_names).encode())
+    h.update(np.ascontiguousarray(meta.landmarks, np.float32).tobytes())
+    key = f"{key}-{h.hexdigest()[:12]}"
     cache = cache_dir / f"features-{key}.npy"
     if cache.exists():
         arr = np.load(cache, allow_pickle=False)
