@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from unibct_ray.errors import UserError
+from unibct_ray.errors import JobFailedError, UserError
 
 __all__ = ["main", "build_parser"]
 
 EXIT_USER_ERROR = 2
+EXIT_JOB_FAILED = 1
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -310,6 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"unibct-ray: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except JobFailedError as e:
+        if args.debug:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # remote tracebacks stay out
+        print(f"unibct-ray: failed: {first} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_JOB_FAILED
     except KeyboardInterrupt:
         print("unibct-ray: interrupted (no partial output was kept)", file=sys.stderr)
         return 130

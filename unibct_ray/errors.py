@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UserError", "DataFormatError", "ConfigError"]
+__all__ = ["UserError", "DataFormatError", "ConfigError", "JobFailedError"]
 
 
 class UserError(Exception):
@@ -19,3 +19,11 @@ class DataFormatError(UserError, ValueError):
 
 class ConfigError(UserError, ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, impossible value)."""
+
+
+class JobFailedError(RuntimeError):
+    """Distributed work failed for good after its retries (a worker, actor or node kept dying).
+
+    Not the user's input; the message says which step and what was retried. The CLI prints it
+    as one line and exits with status 1 (``--debug`` shows the traceback).
+    """
