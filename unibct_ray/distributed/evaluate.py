@@ -6,6 +6,13 @@ loaded once per actor, with ``weights_only``). Features are cached in ``OUT/cach
 checkpoint's content hash, so a rerun, or an evaluation interrupted after one model, does not
 recompute them. The metrics are the pure functions of ``unibct_ray.metrics``; 1:N searches go
 through FAISS shards on Ray actors.
+
+Every input is checked before any work starts (checkpoints load and fit their architecture,
+feature files have the right rows, dtype and no NaN/inf, both models share one embedding size,
+every image file exists), so a bad input fails in seconds and leaves no output behind. An
+image that does not decode is reported by the extraction actors as data, and the driver stops
+with one line naming the file. A cached feature file is reused, never replaced, unless
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -48,21 +55,27 @@ class EvalArgs:
     cache_dir: Path | None = None  # default OUT/cache; share one between runs on the same IJB-C folder
 
 
-def load_feature_file(path: Path, n_images: int, what: str) -> np.ndarray:
-    """A ``.npy`` of per-image features (float32/float16, rows in 5pts-file order) -> float32."""
+def load_feature_file(path: Path, n_images: int | None, what: str, *, min_rows: int = 0) -> np.ndarray:
+    """A ``.npy`` of per-image features (float32/float16, rows in 5pts-file order) -> float32.
+
+    ``n_images``: the exact row count required (None: any, but at least ``min_rows``). Never
+    unpickles (``allow_pickle=False``): an object array is refused, not loaded.
+    """
     if not path.is_file():
         raise DataFormatError(f"{path}: {what} file not found")
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise DataFormatError(f"{path}: not a readable .npy array ({str(e).splitlines()[0]})") from None
     if arr.dtype not in (np.float32, np.float16):
         raise DataFormatError(f"{path}: {what} must be float32 or float16, got {arr.dtype}")
-    if arr.ndim != 2:
+    if arr.ndim != 2 or arr.shape[1] == 0:
         raise DataFormatError(f"{path}: {what} must be 2-D [images, dim], got shape {arr.shape}")
-    if arr.shape[0] != n_images:
+    if n_images is not None and arr.shape[0] != n_images:
         raise DataFormatError(f"{path}: {arr.shape[0]} rows, but the IJB-C meta lists {n_images} images "
                               "(rows must follow ijbc_name_5pts_score.txt)")
+    if arr.shape[0] < min_rows:
+        raise DataFormatError(f"{path}: {what} has {arr.shape[0]} rows, at least {min_rows} are needed")
     out = np.asarray(arr, np.float32)
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
@@ -88,18 +101,22 @@ class _AlignEmbed:
 
         from unibct_ray.data.landmarks import align_face
 
-        crops = []
+        crops, errors = [], []
         for path, lm in zip(batch["path"], batch["landmarks"]):
             try:
                 with Image.open(str(path)) as im:
                     img = np.asarray(im.convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise DataFormatError(f"{path}: image does not decode ({e})") from None
+                errors.append("")
+            except (OSError, ValueError, SyntaxError) as e:
+                # Returned as data, not raised: the driver stops with one line naming the file
+                # (an exception here would surface as Ray Data's multi-line remote traceback).
+                img = np.zeros((self.size, self.size, 3), np.uint8)
+                errors.append(f"{path}: image does not decode ({str(e).splitlines()[0][:160]})")
             crops.append(align_face(img, np.asarray(lm, np.float32).reshape(5, 2), self.size))
         x = torch.from_numpy(to_tensor_layout(np.stack(crops)))
         with torch.inference_mode():
             f = self.model(x) + self.model(torch.flip(x, dims=[3]))
-        return {"row": batch["row"], "feature": f.float().numpy()}
+        return {"row": batch["row"], "feature": f.float().numpy(), "error": np.asarray(errors, dtype=object)}
 
 
 def _file_hash(path: Path) -> str:
@@ -110,8 +127,51 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, actors: int) -> np.ndarray:
-    """Per-image ``emb + emb_flip`` [n, d] of a checkpoint over the IJB-C images (cached)."""
+def check_checkpoint(path: Path) -> int:
+    """Load ``path`` safely and build its backbone in this process -> its embedding size.
+
+    Refuses hostile or foreign files and weights that do not fit the stored architecture
+    before any actor starts.
+    """
+    from unibct_ray.checkpoint import build_backbone_from_checkpoint
+
+    _, cfg, _ = build_backbone_from_checkpoint(path)
+    return int(cfg.model.embedding_size)
+
+
+def check_images(meta: ijbc.IJBCMeta) -> None:
+    """Every image the meta lists exists under ``loose_crop`` (one directory listing)."""
+    img_dir = meta.root / "loose_crop"
+    if not img_dir.is_dir():
+        raise DataFormatError(f"{img_dir}: IJB-C image directory not found")
+    present = set(os.listdir(img_dir))
+    for name in meta.image_names:
+        if name not in present and not (img_dir / name).is_file():
+            raise DataFormatError(f"{img_dir / name}: image listed in ijbc_name_5pts_score.txt is missing")
+
+
+def _cached(cache: Path, n_images: int, overwrite: bool) -> np.ndarray | None:
+    """A cached feature file, or None when there is none (or ``overwrite`` discards it)."""
+    if not cache.exists() or overwrite:
+        return None
+    try:
+        arr = np.load(cache, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataFormatError(f"{cache}: unreadable feature cache ({str(e).splitlines()[0]}); "
+                              "pass --overwrite to recompute it") from None
+    if arr.ndim != 2 or arr.shape[0] != n_images or not np.isfinite(arr).all():
+        raise DataFormatError(f"{cache}: cached features of shape {arr.shape} do not fit these {n_images} "
+                              "IJB-C images; pass --overwrite to recompute them")
+    return arr
+
+
+def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, actors: int,
+                        overwrite: bool = False) -> np.ndarray:
+    """Per-image ``emb + emb_flip`` [n, d] of a checkpoint over the IJB-C images (cached).
+
+    The cache file is keyed by the checkpoint's and the folder's content and written
+    atomically; an existing one is reused, never replaced, unless ``overwrite``.
+    """
     from unibct_ray.checkpoint import load_checkpoint
 
     load_checkpoint(checkpoint)  # refuse hostile/foreign files before any actor starts
@@ -121,10 +181,10 @@ def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, 
     h.update(np.ascontiguousarray(meta.landmarks, np.float32).tobytes())
     key = f"{key}-{h.hexdigest()[:12]}"
     cache = cache_dir / f"features-{key}.npy"
-    if cache.exists():
-        arr = np.load(cache, allow_pickle=False)
-        if arr.shape[0] == len(meta.image_names):
-            return arr
+    arr = _cached(cache, len(meta.image_names), overwrite)
+    if arr is not None:
+        return arr
+    check_images(meta)
     img_dir = meta.root / "loose_crop"
     rows = np.arange(len(meta.image_names))
     table = pa.table({
@@ -137,10 +197,20 @@ def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, 
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
     )
     feats = None
+    done = np.zeros(len(rows), bool)
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        bad = [e for e in batch["error"].tolist() if e]
+        if bad:
+            raise DataFormatError(bad[0])
         if feats is None:
             feats = np.zeros((len(rows), batch["feature"].shape[1]), np.float32)
         feats[batch["row"]] = batch["feature"]
+        done[batch["row"]] = True
+    if feats is None or not done.all():
+        raise RuntimeError(f"feature extraction of {checkpoint} returned {int(done.sum())} of {len(rows)} images")
+    if not np.isfinite(feats).all():
+        first = meta.image_names[int(np.flatnonzero(~np.isfinite(feats).all(1))[0])]
+        raise DataFormatError(f"{checkpoint}: the model gives NaN/inf features (first for image {first})")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.tmp.npy")
     np.save(tmp, feats)
@@ -154,10 +224,8 @@ def _distractor_features(a: EvalArgs, cache_dir: Path) -> np.ndarray | None:
     if a.distractors <= 0:
         return None
     if a.distractor_features:
-        arr = np.load(a.distractor_features, allow_pickle=False)
-        if arr.ndim != 2 or arr.shape[0] < a.distractors:
-            raise DataFormatError(f"{a.distractor_features}: need at least {a.distractors} rows of [n, d], got {arr.shape}")
-        arr = arr[: a.distractors].astype(np.float32)
+        arr = load_feature_file(a.distractor_features, None, "distractor features", min_rows=a.distractors)
+        arr = arr[: a.distractors]
     elif a.old_checkpoint:
         arr = _render_distractors(a.old_checkpoint, a.distractors, a.seed, cache_dir, a.actors)
     else:
@@ -197,7 +265,7 @@ class _RenderEmbed:
 def _render_distractors(checkpoint: Path, n: int, seed: int, cache_dir: Path, actors: int) -> np.ndarray:
     cache = cache_dir / f"distractors-{_file_hash(checkpoint)}-{seed}-{n}.npy"
     if cache.exists():
-        return np.load(cache)
+        return np.load(cache, allow_pickle=False)
     ds = ray.data.range(n).map_batches(
         _RenderEmbed, fn_constructor_kwargs={"checkpoint": str(checkpoint), "seed": seed}, batch_size=64,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
@@ -233,19 +301,35 @@ def run_eval(a: EvalArgs) -> dict:
     n = len(meta.image_names)
     cache = a.cache_dir if a.cache_dir is not None else a.out / "cache"
 
-    def side(ckpt: Path | None, feats: Path | None, what: str) -> np.ndarray | None:
+    # Check every input before any work: a bad one fails fast and leaves nothing under OUT.
+    loaded: dict[str, np.ndarray] = {}
+    dims: dict[str, tuple[Path, int]] = {}
+    for what, ckpt, feats in (("old", a.old_checkpoint, a.old_features), ("new", a.new_checkpoint, a.new_features)):
         if feats:
-            return load_feature_file(feats, n, what)
+            loaded[what] = load_feature_file(feats, n, f"{what} features")
+            dims[what] = (feats, loaded[what].shape[1])
+        elif ckpt:
+            dims[what] = (ckpt, check_checkpoint(ckpt))
+    if len(dims) == 2 and dims["old"][1] != dims["new"][1]:
+        (src_o, d_o), (src_n, d_n) = dims["old"], dims["new"]
+        raise DataFormatError(f"{src_n}: embedding size {d_n} differs from {src_o} ({d_o}); "
+                              "a cross-model test needs one embedding space")
+    if a.distractors > 0 and a.distractor_features:
+        dist = load_feature_file(a.distractor_features, None, "distractor features", min_rows=a.distractors)
+        if "old" in dims and dist.shape[1] != dims["old"][1]:
+            raise DataFormatError(f"{a.distractor_features}: dimension {dist.shape[1]} differs from the old "
+                                  f"model's {dims['old'][1]} ({dims['old'][0]})")
+        del dist
+
+    def side(ckpt: Path | None, what: str) -> np.ndarray | None:
+        if what in loaded:
+            return loaded[what]
         if ckpt:
-            return checkpoint_features(meta, ckpt, cache, a.actors)
+            return checkpoint_features(meta, ckpt, cache, a.actors, overwrite=a.overwrite)
         return None
 
-    old = side(a.old_checkpoint, a.old_features, "old features")
-    new = side(a.new_checkpoint, a.new_features, "new features")
-    if old is not None and new is not None and old.shape[1] != new.shape[1]:
-        src_o, src_n = a.old_checkpoint or a.old_features, a.new_checkpoint or a.new_features
-        raise DataFormatError(f"{src_n}: embedding size {new.shape[1]} differs from {src_o} ({old.shape[1]}); "
-                              "a cross-model test needs one embedding space")
+    old = side(a.old_checkpoint, "old")
+    new = side(a.new_checkpoint, "new")
     base = RayShardedKNN(shards=a.shards, index=a.index) if a.shards > 1 else FaissKNN(index=a.index)
     recall = RecallKNN(base) if a.index != "flat" else None
     knn = recall or base

@@ -317,8 +317,10 @@ def write_report(
 
     paths = {"json": out / "report.json", "md": out / "report.md",
              "roc": out / "roc.png", "cmc": out / "cmc.png"}
-    _atomic_write(paths["json"], (json.dumps(_clean(report), indent=2, allow_nan=False) + "\n").encode())
+    # report.json last: its presence means the whole report is there (eval refuses to replace
+    # it without --overwrite).
     _atomic_write(paths["md"], report_markdown(report).encode())
     _atomic_write(paths["roc"], _png(draw_roc))
     _atomic_write(paths["cmc"], _png(draw_cmc))
+    _atomic_write(paths["json"], (json.dumps(_clean(report), indent=2, allow_nan=False) + "\n").encode())
     return paths
