@@ -48,11 +48,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataFormatError(f"{p}: refused to load: the file holds objects other than tensors and "
-                              f"plain data, which could run code ({first[:160]})") from None
+        msg = str(e)
+        if "Unsupported global" in msg or "GLOBAL" in msg:
+            what = msg[msg.find("GLOBAL"):].split(" was ")[0] if "GLOBAL" in msg else "a global"
+            raise DataFormatError(f"{p}: refused to load: the file holds objects other than tensors and "
+                                  f"plain data, which could run code ({what[:120]})") from None
+        detail = msg[msg.find("WeightsUnpickler error:"):].splitlines() if "WeightsUnpickler error:" in msg else []
+        detail = " ".join(x.strip() for x in detail[:3] if x.strip()) or type(e).__name__
+        raise DataFormatError(f"{p}: not a readable PyTorch checkpoint ({detail[:160]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise DataFormatError(f"{p}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise DataFormatError(f"{p}: not a readable PyTorch checkpoint ({first[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataFormatError(f"{p}: not a unibct-ray checkpoint (no '{FORMAT}' format tag)")
     return state
@@ -75,8 +81,13 @@ def build_backbone_from_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Mo
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as e:
+        # torch's first line is a heading ("Error(s) in loading state_dict ..."); the next says what.
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        if len(detail) > 100 and ", " in detail:
+            detail = detail.split(", ")[0] + ", ..."
         raise DataFormatError(f"{path}: weights do not fit a {cfg.model.backbone} backbone "
-                              f"({str(e).splitlines()[0][:160]})") from None
+                              f"({detail[:160]})") from None
     model.eval()
     return model, cfg, state
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unibct_ray.errors import DataFormatError, UserError
+from unibct_ray.errors import DataFormatError, UserError, npy_error
 
 __all__ = ["load_matrix", "run_prototypes"]
 
@@ -18,8 +18,8 @@ def load_matrix(path: Path, what: str, ndim: int) -> np.ndarray:
         raise DataFormatError(f"{path}: {what} file not found")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataFormatError(f"{path}: not a readable .npy array ({str(e).splitlines()[0]})") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise npy_error(path, e) from None
     if arr.ndim != ndim:
         raise DataFormatError(f"{path}: {what} must be {ndim}-D, got shape {arr.shape}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():

@@ -45,7 +45,9 @@ def check_image(data: bytes, mode: str, where: str) -> None:
         with Image.open(io.BytesIO(data)) as im:
             if mode == "decode":
                 im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise DataFormatError(f"{where}: image does not decode (not a recognised image format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataFormatError(f"{where}: image does not decode ({e})") from None
 
 

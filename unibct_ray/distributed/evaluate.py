@@ -30,7 +30,7 @@ import ray
 from unibct_ray.data import ijbc
 from unibct_ray.data.images import to_tensor_layout
 from unibct_ray.data.shards import atomic_write_text
-from unibct_ray.errors import DataFormatError, UserError
+from unibct_ray.errors import DataFormatError, UserError, npy_error
 
 __all__ = ["EvalArgs", "run_eval", "load_feature_file", "checkpoint_features"]
 
@@ -66,7 +66,7 @@ def load_feature_file(path: Path, n_images: int | None, what: str, *, min_rows: 
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
-        raise DataFormatError(f"{path}: not a readable .npy array ({str(e).splitlines()[0]})") from None
+        raise npy_error(path, e) from None
     if arr.dtype not in (np.float32, np.float16):
         raise DataFormatError(f"{path}: {what} must be float32 or float16, got {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] == 0:

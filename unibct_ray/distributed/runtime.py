@@ -9,7 +9,7 @@ import ray
 
 from unibct_ray.errors import UserError
 
-__all__ = ["ensure_ray", "unwrap_task_error", "run_tasks"]
+__all__ = ["ensure_ray", "quiet_ray_data_console", "unwrap_task_error", "run_tasks"]
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -19,6 +19,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
     local instance. A local instance gets more logical CPUs than cores (at least 4): with exactly
     one per core, two 1-CPU train workers on a 2-core machine starve Ray Data's read tasks.
     """
+    if quiet:
+        quiet_ray_data_console()
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": False}
@@ -32,6 +34,21 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
         ray.init(**kwargs)
     except ConnectionError as e:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console log shows errors only (its INFO/WARNING lines, e.g. "Starting
+    execution of Dataset ...", still go to the session's ``logs/ray-data`` file).
+
+    The CLI's contract is one line per error; Ray Data's per-execution chatter would bury it.
+    """
+    import logging
+
+    import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.ERROR)
 
 
 def unwrap_task_error(err: BaseException) -> BaseException:
