@@ -30,7 +30,7 @@ from unibct_ray.checkpoint import CHECKPOINT_FILE, find_latest_checkpoint, load_
 from unibct_ray.config import TrainConfig, from_dict, to_dict
 from unibct_ray.data.shards import atomic_write_text, read_manifest
 from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, training_dataset
-from unibct_ray.errors import UserError
+from unibct_ray.errors import ConfigError, JobFailedError, UserError
 
 __all__ = ["train", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
 
@@ -123,7 +123,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     prototypes = None
     if loop.get("prototypes"):
-        prototypes = torch.from_numpy(np.load(loop["prototypes"])).float().to(device)
+        prototypes = torch.from_numpy(np.load(loop["prototypes"], allow_pickle=False)).float().to(device)
     compat = CompatLoss(cfg.compat.method, weight=cfg.compat.weight, l2_margin=cfg.compat.l2_margin,
                         scale=cfg.compat.scale, margin=cfg.compat.margin)
     steps_per_epoch = loop["steps_per_epoch"]
@@ -280,10 +280,24 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
         with _ProgressTail(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs):
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise RuntimeError(f"training phase {phase} failed after {cfg.max_failures} restarts: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise JobFailedError(f"training phase {phase} of {run_dir} failed after {cfg.max_failures} restarts "
+                             f"from the last checkpoint ({first})") from e
     if result.checkpoint is None:
         raise RuntimeError(f"training phase {phase} finished without a checkpoint")
     return Path(result.checkpoint.path) / CHECKPOINT_FILE
+
+
+def _check_old_checkpoint(cfg: TrainConfig) -> None:
+    """``compat.old_checkpoint`` loads safely, fits its architecture and shares the new model's
+    embedding size (the compatibility losses compare old and new embeddings in one space)."""
+    from unibct_ray.checkpoint import build_backbone_from_checkpoint
+
+    path = Path(cfg.compat.old_checkpoint)
+    _, old_cfg, _ = build_backbone_from_checkpoint(path)
+    if old_cfg.model.embedding_size != cfg.model.embedding_size:
+        raise ConfigError(f"{path}: embedding size {old_cfg.model.embedding_size} differs from model.embedding_size "
+                          f"{cfg.model.embedding_size}; compat.method {cfg.compat.method!r} needs one embedding space")
 
 
 def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> TrainResult:
@@ -307,12 +321,17 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
     elif run_dir.exists() and find_latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir}: a run with checkpoints already exists (use --resume {run_dir} "
                         "or another name)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
-
+    # Inputs are checked before anything is written: a bad one leaves no run directory behind.
     train_dir = str(Path(cfg.data.train).resolve())
     num_classes = _num_classes(train_dir)
     method = cfg.compat.method
+    if read_manifest(train_dir).rows < cfg.global_batch:
+        raise UserError(f"{train_dir}: {read_manifest(train_dir).rows} rows are fewer than one global batch "
+                        f"of {cfg.global_batch}")
+    if method != "independent":
+        _check_old_checkpoint(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     # Old-model features over the new training set, once per run, keyed by record index.
     if method != "independent":
         from unibct_ray.distributed.extract import extract_features
