@@ -9,7 +9,7 @@ so a flat index over K shards returns exactly what one flat index returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -33,6 +33,10 @@ class FaissShardActor:
         self.gallery = np.ascontiguousarray(gallery, np.float32)
         return len(self.gallery)
 
+    def node_id(self) -> str:
+        """The Ray node this shard lives on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()
+
     def search(self, queries: np.ndarray, k: int, index: str, nlist: int, nprobe: int, M: int):
         if self.gallery is None:
             raise RuntimeError("shard actor has no gallery loaded (it was restarted?)")
@@ -41,13 +45,17 @@ class FaissShardActor:
 
 @dataclass
 class RayShardedKNN:
-    """A ``KNN`` callable whose gallery is split over ``shards`` Ray actors."""
+    """A ``KNN`` callable whose gallery is split over ``shards`` Ray actors.
+
+    After each call ``placement`` holds the Ray node id of each shard's actor, in shard order.
+    """
 
     shards: int = 2
     index: str = "flat"
     nlist: int = 1024
     nprobe: int = 32
     M: int = 32
+    placement: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def description(self) -> str:
@@ -59,6 +67,7 @@ class RayShardedKNN:
         actors = [FaissShardActor.options(scheduling_strategy="SPREAD").remote() for _ in range(self.shards)]
         try:
             ray.get([a.load.remote(gallery[a0:b0]) for a, a0, b0 in zip(actors, bounds[:-1], bounds[1:])])
+            self.placement = ray.get([a.node_id.remote() for a in actors])
             q_ref = ray.put(np.ascontiguousarray(queries, np.float32))
             parts = ray.get([a.search.remote(q_ref, k, self.index, self.nlist, self.nprobe, self.M) for a in actors])
         except ray.exceptions.RayActorError as e:

@@ -4,6 +4,8 @@ Classes are independent (ARCHITECTURE §5), so the classes are cut into contiguo
 about equal cost (sum of n_c^2 d + n_c^3 per range) and each range goes to one actor. An actor
 reads only the rows of its range (feature shards are in class order, so Parquet row-group
 statistics skip the rest), solves its classes in size-batched solves and returns [c1-c0, d].
+The actors are placed with the SPREAD strategy, so on a cluster the ranges are solved on
+different nodes.
 Peak memory per actor: its rows of old + new features, 2 * rows * d * 4 bytes, plus the
 batched solve (see ``unibct_ray.compat.prototypes``); no process holds the whole matrix.
 """
@@ -43,6 +45,10 @@ class RefineActor:
 
         torch.set_num_threads(1)
 
+    def node_id(self) -> str:
+        """The Ray node this actor lives on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()
+
     def refine_arrays(self, old: np.ndarray, new: np.ndarray, labels: np.ndarray, c0: int, c1: int,
                       params: RefineParams) -> np.ndarray:
         from unibct_ray.compat.prototypes import refine_prototypes
@@ -62,6 +68,11 @@ class RefineActor:
         return self.refine_arrays(old, new, ol, c0, c1, params)
 
 
+def _spawn_actors(n: int) -> list:
+    """``n`` refinement actors spread over the cluster's nodes."""
+    return [RefineActor.options(scheduling_strategy="SPREAD").remote() for _ in range(n)]
+
+
 def _gather(refs: list, ranges: list[tuple[int, int]], num_classes: int, d: int) -> np.ndarray:
     out = np.zeros((num_classes, d), np.float32)
     for (c0, c1), part in zip(ranges, ray.get(refs)):
@@ -70,14 +81,19 @@ def _gather(refs: list, ranges: list[tuple[int, int]], num_classes: int, d: int)
 
 
 def refine_distributed(old: np.ndarray, new: np.ndarray, labels: np.ndarray, num_classes: int,
-                       params: RefineParams, workers: int) -> np.ndarray:
-    """In-memory arrays -> prototypes [C, d], class ranges spread over ``workers`` actors."""
+                       params: RefineParams, workers: int, placement: list[str] | None = None) -> np.ndarray:
+    """In-memory arrays -> prototypes [C, d], class ranges spread over ``workers`` actors.
+
+    ``placement``, when given, receives the Ray node id of each actor (logs, placement tests).
+    """
     order = np.argsort(labels, kind="stable")
     old, new, labels = old[order], new[order], labels[order]
     counts = np.bincount(labels, minlength=num_classes)
     ranges = balanced_class_ranges(counts, workers, old.shape[1])
     starts = np.r_[0, np.cumsum(counts)]
-    actors = [RefineActor.remote() for _ in range(min(workers, len(ranges)))]
+    actors = _spawn_actors(min(workers, len(ranges)))
+    if placement is not None:
+        placement.extend(ray.get([a.node_id.remote() for a in actors]))
     refs = []
     for i, (c0, c1) in enumerate(ranges):
         a, b = starts[c0], starts[c1]
@@ -141,7 +157,7 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
         counts = np.bincount(labels, minlength=num_classes)
         ranges = balanced_class_ranges(counts, max(1, cfg.refine_actors), cfg.model.embedding_size)
         params = RefineParams(cfg.compat.lam, cfg.compat.temperature, cfg.compat.axis, True)
-        actors = [RefineActor.remote() for _ in range(min(cfg.refine_actors, len(ranges)))]
+        actors = _spawn_actors(min(cfg.refine_actors, len(ranges)))
         print(f"[{cfg.name}] epoch {epoch}: refining {num_classes} prototypes on {len(actors)} actors", flush=True)
         refs = [actors[i % len(actors)].refine_shards.remote(str(train_dir), str(new_dir), c0, c1, params)
                 for i, (c0, c1) in enumerate(ranges)]
