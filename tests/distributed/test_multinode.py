@@ -47,7 +47,8 @@ def cluster_run(inputs, tmp_path_factory):
     np.savez(work / "in.npz", **inputs)
     ray_tmp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
+    # A node gets 120 s to register instead of 60: on a loaded CI machine start-up alone can take a minute.
+    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", RAY_raylet_start_wait_time_s="120")
     try:
         proc = subprocess.run([sys.executable, str(HELPER), str(work / "in.npz"), str(work)], env=env,
                               capture_output=True, text=True, timeout=180)
