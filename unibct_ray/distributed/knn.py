@@ -5,6 +5,10 @@ Each actor holds a contiguous slice of the gallery and its own index (one thread
 the SPREAD strategy, so on a cluster the shards land on different nodes and memory per node
 is gallery/shards. The merge (``unibct_ray.metrics.knn.merge_topk``) is exact, ties included,
 so a flat index over K shards returns exactly what one flat index returns.
+
+A shard whose actor dies (its process or node is lost) gets a new actor, its slice is loaded
+again and its search rerun, up to ``RayShardedKNN.retries`` times; after that the search fails
+with ``JobFailedError`` naming the shard. A result never comes from part of the gallery.
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
+from unibct_ray.errors import JobFailedError
 from unibct_ray.metrics.knn import FaissKNN, merge_topk
 
 __all__ = ["FaissShardActor", "RayShardedKNN"]
 
 
-@ray.remote(num_cpus=1, max_restarts=1, max_task_retries=2)
+@ray.remote(num_cpus=1, max_restarts=0)
 class FaissShardActor:
-    """Holds one gallery shard; ``search`` runs the shard's index."""
+    """Holds one gallery shard; ``search`` runs the shard's index.
+
+    Ray does not restart it (a restarted actor would hold no shard); ``RayShardedKNN`` replaces
+    a lost actor and loads its shard again.
+    """
 
     def __init__(self, threads: int = 1) -> None:
         import faiss
@@ -55,7 +64,9 @@ class RayShardedKNN:
     nlist: int = 1024
     nprobe: int = 32
     M: int = 32
+    retries: int = 2  # new actors per shard after a loss, before the search fails
     placement: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    recoveries: int = field(default=0, init=False, repr=False, compare=False)  # actors replaced, last call
 
     @property
     def description(self) -> str:
@@ -64,16 +75,45 @@ class RayShardedKNN:
     def __call__(self, gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(gallery)
         bounds = np.linspace(0, n, self.shards + 1).astype(int)
-        actors = [FaissShardActor.options(scheduling_strategy="SPREAD").remote() for _ in range(self.shards)]
+        slices = [ray.put(np.ascontiguousarray(gallery[a0:b0], np.float32)) for a0, b0 in zip(bounds[:-1], bounds[1:])]
+        q_ref = ray.put(np.ascontiguousarray(queries, np.float32))
+        actors: list = [None] * self.shards
+        loads: list = [None] * self.shards
+        losses = [0] * self.shards
+        self.recoveries = 0
+
+        def start(i: int) -> ray.ObjectRef:
+            actors[i] = FaissShardActor.options(scheduling_strategy="SPREAD").remote()
+            loads[i] = actors[i].load.remote(slices[i])  # one caller's calls run in order: load, then search
+            return actors[i].search.remote(q_ref, k, self.index, self.nlist, self.nprobe, self.M)
+
+        pending = {start(i): i for i in range(self.shards)}
+        parts: list = [None] * self.shards
         try:
-            ray.get([a.load.remote(gallery[a0:b0]) for a, a0, b0 in zip(actors, bounds[:-1], bounds[1:])])
+            while pending:
+                [ready], _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(ready)
+                try:
+                    parts[i] = ray.get(ready)
+                    continue
+                except ray.exceptions.RayActorError as e:
+                    error = e
+                try:
+                    ray.get(loads[i])  # the load died with the actor too; retrieve its error here
+                except ray.exceptions.RayError:
+                    pass
+                losses[i] += 1
+                if losses[i] > self.retries:
+                    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+                    raise JobFailedError(
+                        f"gallery shard {i + 1}/{self.shards} (rows {bounds[i]}..{bounds[i + 1] - 1}) lost its Ray "
+                        f"actor {losses[i]} times; no search runs on a partial gallery ({first})") from error
+                ray.kill(actors[i])
+                self.recoveries += 1
+                pending[start(i)] = i
             self.placement = ray.get([a.node_id.remote() for a in actors])
-            q_ref = ray.put(np.ascontiguousarray(queries, np.float32))
-            parts = ray.get([a.search.remote(q_ref, k, self.index, self.nlist, self.nprobe, self.M) for a in actors])
-        except ray.exceptions.RayActorError as e:
-            # Never a partial gallery: a lost shard fails the search loudly.
-            raise RuntimeError(f"a gallery shard actor died during the search: {e}") from e
         finally:
             for a in actors:
-                ray.kill(a)
+                if a is not None:
+                    ray.kill(a)
         return merge_topk(parts, k, offsets=bounds[:-1].tolist())

@@ -36,7 +36,10 @@ class RefineParams:
     refine: bool = True
 
 
-@ray.remote(max_restarts=1, max_task_retries=2)
+_RESTARTS = 1  # a killed refinement actor is restarted once and its call retried
+
+
+@ray.remote(max_restarts=_RESTARTS, max_task_retries=2)
 class RefineActor:
     """Holds nothing between calls; refines one class range per call."""
 
@@ -74,9 +77,26 @@ def _spawn_actors(n: int) -> list:
 
 
 def _gather(refs: list, ranges: list[tuple[int, int]], num_classes: int, d: int) -> np.ndarray:
+    """Collect every class range -> [C, d], or raise: never a partly filled matrix.
+
+    A killed actor is restarted by Ray and its call retried (the actors hold no state between
+    calls, so a retry gives the same result); when the restarts are spent the class range is
+    named in a ``JobFailedError``. An error raised by the refinement code itself is re-raised
+    as it is (a ``DataFormatError`` stays a one-line user error).
+    """
+    from unibct_ray.distributed.runtime import unwrap_task_error
+    from unibct_ray.errors import JobFailedError
+
     out = np.zeros((num_classes, d), np.float32)
-    for (c0, c1), part in zip(ranges, ray.get(refs)):
-        out[c0:c1] = part
+    for (c0, c1), ref in zip(ranges, refs):
+        try:
+            out[c0:c1] = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise JobFailedError(f"prototype refinement of classes {c0}..{c1 - 1} failed: its Ray actor died "
+                                 f"{1 + _RESTARTS} times; no prototypes were written ({first})") from e
+        except ray.exceptions.RayTaskError as e:
+            raise unwrap_task_error(e) from None
     return out
 
 

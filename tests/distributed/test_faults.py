@@ -1,0 +1,228 @@
+"""Faults that really kill something: refinement actors, FAISS shard actors, an evaluation.
+
+Processes are found among the children of this session's raylet (never another Ray on the
+machine) by their Ray process title (``ray::RefineActor.refine_arrays``, ``ray::FaissShardActor``)
+and killed with SIGKILL while the work runs. The tests poll for the conditions they need; no
+sleep assumes an idle machine. (A training worker killed mid-epoch: test_train_e2e.py.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unibct_ray.cli import main
+
+TIMEOUT_S = 300.0
+
+
+# ----------------------------------------------------------------------------- process helpers
+def raylet_pid(ray) -> int:
+    """Ray worker processes are children of the raylet of this session."""
+    @ray.remote(num_cpus=0)
+    def parent() -> int:
+        return os.getppid()
+
+    return ray.get(parent.remote())
+
+
+def ray_processes(raylet: int, title_prefix: str) -> list[int]:
+    """PIDs of the raylet's children whose process title starts with ``title_prefix``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != raylet:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if title.startswith(title_prefix):
+            found.append(int(entry))
+    return found
+
+
+def kill_while_running(fn, raylet: int, title_prefix: str, max_kills: int):
+    """Run ``fn()`` in a thread; SIGKILL each new process titled ``title_prefix`` (up to
+    ``max_kills``) until ``fn`` returns -> (its result or exception, pids killed)."""
+    killed: list[int] = []
+    earlier = set(ray_processes(raylet, title_prefix))  # e.g. actors of an earlier test, on their way out
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(fn)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not future.done():
+            assert time.monotonic() < deadline, "the work did not finish"
+            if len(killed) < max_kills:
+                for pid in ray_processes(raylet, title_prefix):
+                    if pid not in killed and pid not in earlier and len(killed) < max_kills:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(pid)
+                        except ProcessLookupError:
+                            pass
+            time.sleep(0.01)
+        try:
+            return future.result(), killed
+        except Exception as e:  # handed to the test to inspect
+            return e, killed
+
+
+# ----------------------------------------------------------------------------- refinement actors
+def refine_inputs(seed: int = 0):
+    """Classes of 600 samples (d = 64): each refinement call runs for a while (the n^3 solve)."""
+    rng = np.random.default_rng(seed)
+    sizes = [600] * 16 + [1, 2, 7]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(labels)
+    old = rng.standard_normal((len(labels), 64)).astype(np.float32)
+    new = old + 0.3 * rng.standard_normal(old.shape).astype(np.float32)
+    return old, new, labels, len(sizes)
+
+
+def test_refinement_actor_killed_is_retried(ray_session, torch_one_thread):
+    from unibct_ray.compat.prototypes import refine_prototypes
+    from unibct_ray.distributed.prototypes import RefineParams, refine_distributed
+
+    old, new, labels, c = refine_inputs()
+    reference = refine_prototypes(old, new, labels, c).numpy()
+    raylet = raylet_pid(ray_session)
+    got, killed = kill_while_running(
+        lambda: refine_distributed(old, new, labels, c, RefineParams(), workers=2),
+        raylet, "ray::RefineActor.refine_arrays", max_kills=1)
+    assert len(killed) == 1, "no refinement call was caught running"
+    assert isinstance(got, np.ndarray), got
+    np.testing.assert_allclose(got, reference, atol=1e-5)  # the retried range is exact, none missing
+
+
+def test_refinement_actors_killed_for_good_fail_cleanly(ray_session, tmp_path, capsys):
+    old, new, labels, _ = refine_inputs(1)
+    for name, arr in (("o", old), ("n", new), ("l", labels)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    out = tmp_path / "p.npy"
+    argv = ["prototypes", "--old-features", str(tmp_path / "o.npy"), "--new-features", str(tmp_path / "n.npy"),
+            "--labels", str(tmp_path / "l.npy"), "--out", str(out), "--workers", "2"]
+    code, killed = kill_while_running(lambda: main(argv), raylet_pid(ray_session),
+                                      "ray::RefineActor.refine_arrays", max_kills=100)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, (code, err)
+    assert len(killed) >= 2  # a restart, then the end of the restarts
+    assert err[-1].startswith("unibct-ray: failed: prototype refinement of classes "), err
+    assert "no prototypes were written" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["l.npy", "n.npy", "o.npy"]
+
+
+# ----------------------------------------------------------------------------- FAISS shard actors
+def gallery_and_queries(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    gallery = rng.standard_normal((120_000, 64)).astype(np.float32)
+    queries = rng.standard_normal((600, 64)).astype(np.float32)
+    return gallery, queries
+
+
+def test_shard_actor_killed_is_replaced(ray_session):
+    from unibct_ray.distributed.knn import RayShardedKNN
+    from unibct_ray.metrics.knn import brute_force_knn
+
+    gallery, queries = gallery_and_queries()
+    knn = RayShardedKNN(shards=2)
+    got, killed = kill_while_running(lambda: knn(gallery, queries, 10), raylet_pid(ray_session),
+                                     "ray::FaissShardActor", max_kills=1)
+    assert len(killed) == 1 and knn.recoveries == 1, (killed, knn.recoveries)
+    assert isinstance(got, tuple), got
+    scores, ids = brute_force_knn(gallery, queries, 10)
+    np.testing.assert_array_equal(got[1], ids)  # the whole gallery was searched
+    np.testing.assert_allclose(got[0], scores, rtol=1e-4, atol=1e-4)
+
+
+def test_shard_actors_killed_for_good_fail_cleanly(ray_session):
+    from unibct_ray.distributed.knn import RayShardedKNN
+    from unibct_ray.errors import JobFailedError
+
+    gallery, queries = gallery_and_queries(1)
+    knn = RayShardedKNN(shards=2, retries=1)
+    got, killed = kill_while_running(lambda: knn(gallery, queries, 10), raylet_pid(ray_session),
+                                     "ray::FaissShardActor", max_kills=100)
+    assert isinstance(got, JobFailedError), got
+    msg = str(got)
+    assert msg.startswith("gallery shard ") and "lost its Ray actor 2 times" in msg, msg
+    assert "no search runs on a partial gallery" in msg and len(killed) >= 2
+
+
+# ----------------------------------------------------------------------------- evaluation resume
+def make_checkpoint(path: Path, seed: int) -> Path:
+    import torch
+
+    from unibct_ray.checkpoint import save_checkpoint
+    from unibct_ray.config import from_dict, to_dict
+    from unibct_ray.models.iresnet import build_backbone
+
+    torch.manual_seed(seed)
+    cfg = from_dict({"model": {"backbone": "tiny", "embedding_size": 16}, "data": {"image_size": 32}})
+    return save_checkpoint(path, {"config": json.dumps(to_dict(cfg)), "epoch": 1, "step": 1,
+                                  "model": build_backbone("tiny", 16, 32).state_dict()})
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(ray_session, tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    assert main(["data", "synth", "--out", str(d / "synth"), "--identities", "2", "--images-per-identity", "2",
+                 "--size", "32", "--eval-identities", "12", "--probes-per-identity", "2",
+                 "--impostor-pairs", "200", "--no-progress"]) == 0
+    return d / "synth", make_checkpoint(d / "old.pt", 1), make_checkpoint(d / "new.pt", 2)
+
+
+def eval_argv(ijbc: Path, old: Path, new: Path, out: Path) -> list[str]:
+    return ["eval", "--ijbc", str(ijbc), "--old-checkpoint", str(old), "--new-checkpoint", str(new),
+            "--out", str(out), "--bootstrap", "0", "--shards", "1", "--actors", "1"]
+
+
+def file_key(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+
+
+@pytest.mark.slow
+def test_eval_killed_after_the_old_model_resumes_from_the_cache(eval_inputs, tmp_path, ray_session, capsys):
+    ijbc, old, new = eval_inputs
+    assert main(eval_argv(ijbc, old, new, tmp_path / "reference")) == 0  # uninterrupted
+    reference = json.loads((tmp_path / "reference" / "report.json").read_text())
+
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "unibct_ray.cli", *eval_argv(ijbc, old, new, out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    old_glob, new_glob = f"features-{file_key(old)}-*.npy", f"features-{file_key(new)}-*.npy"
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not list((out / "cache").glob(old_glob)):  # the old model's features are cached ...
+            assert proc.poll() is None, "the evaluation ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # ... and the driver dies while it embeds the new model
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not list((out / "cache").glob(new_glob)) and not (out / "report.json").exists()
+    [cached] = list((out / "cache").glob(old_glob))
+    before = (cached.stat().st_ino, cached.stat().st_mtime_ns)
+
+    capsys.readouterr()
+    assert main(eval_argv(ijbc, old, new, out)) == 0, capsys.readouterr().err
+    assert (cached.stat().st_ino, cached.stat().st_mtime_ns) == before  # reused, not recomputed
+    assert len(list((out / "cache").glob(new_glob))) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"] == reference["verification"]
+    assert report["identification"] == reference["identification"]
