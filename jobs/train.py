@@ -16,6 +16,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from unibct_ray.jobs import SMOKE_SUFFIX, job_parser, run_cli_steps, run_job
 
@@ -48,7 +49,7 @@ def overrides(a: argparse.Namespace) -> list[str]:
     return sets
 
 
-def cli_argv(a: argparse.Namespace, smoke_sets: list[str] = ()) -> list[str]:
+def cli_argv(a: argparse.Namespace, smoke_sets: Sequence[str] = ()) -> list[str]:
     """The ``unibct-ray`` command line of this job (``smoke_sets`` from :func:`prepare_smoke`)."""
     argv = ["train", "--config", str(a.config)]
     for s in [*overrides(a), *smoke_sets]:

@@ -65,13 +65,14 @@ def test_job_commands_resolve_to_jobs_flags_and_configs():
         assert module.is_file(), (w, cmd)
         job = load_job(module)
         assert callable(job.main), (w, cmd)
+        assert hasattr(job, "build_parser"), f"{module}: a job exposes build_parser() so documented commands are checked"
         parser = job.build_parser()
         ns, rest = parser.parse_known_args(args[2:])  # an unknown or malformed flag exits here
         if module.stem == "evaluate":  # passes the other `unibct-ray eval` flags on: they must exist there
             cli_parser().parse_args(["eval", "--ijbc", "i", "--out", "o", *rest])
         else:
             assert not rest, (w, cmd, rest)
-        if ns.config is not None:
+        if ns.config is not None:  # a job whose --config is not a training config names its loader
             loader = getattr(job, "load_job_config", load_config)
             loader(ROOT / ns.config)
 
