@@ -68,9 +68,9 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     from unibct_ray.distributed.convert import convert_rec
     from unibct_ray.distributed.runtime import ensure_ray
 
-    ensure_ray(a.address, num_cpus=a.num_cpus)
     m = convert_rec(a.rec, a.out, idx=a.idx, rows_per_shard=a.rows_per_shard, verify=a.verify,
-                    overwrite=a.overwrite, progress=not a.no_progress, parallelism=a.parallelism)
+                    overwrite=a.overwrite, progress=not a.no_progress, parallelism=a.parallelism,
+                    connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus))
     print(f"wrote {m.rows} images of {m.classes} classes in {len(m.shards)} shards to {m.path}")
     return 0
 
@@ -89,13 +89,14 @@ def _cmd_split(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from unibct_ray.config import load_config
     from unibct_ray.distributed.runtime import ensure_ray
-    from unibct_ray.distributed.train import train
+    from unibct_ray.distributed.train import check_inputs, train
 
     cfg = load_config(a.config, a.set or [])
     if a.num_workers is not None or a.use_gpu:
         from dataclasses import replace
 
         cfg = replace(cfg, num_workers=a.num_workers or cfg.num_workers, use_gpu=a.use_gpu or cfg.use_gpu).validate(str(a.config))
+    check_inputs(cfg, a.resume)  # a bad config, shard set or checkpoint fails before Ray starts
     ensure_ray(a.address, num_cpus=a.num_cpus)
     res = train(cfg, resume=a.resume)
     print(f"done: {res.checkpoint} (epoch {res.metrics.get('epoch')}, loss {res.metrics.get('loss', float('nan')):.4f})")
@@ -119,8 +120,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                     new_checkpoint=a.new_checkpoint, new_features=a.new_features, criterion_far=a.criterion_far,
                     distractors=a.distractors, distractor_features=a.distractor_features, index=a.index,
                     shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite)
-    ensure_ray(a.address, num_cpus=a.num_cpus)
-    r = run_eval(args)
+    r = run_eval(args, connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus))
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
     return 0

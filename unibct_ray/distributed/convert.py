@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import ray
@@ -17,6 +18,7 @@ from unibct_ray.data.convert import RangeResult, convert_range, plan_ranges
 from unibct_ray.data.recordio import RecordIOReader
 from unibct_ray.data.shards import Manifest, StagedDir, read_manifest, shard_name, write_manifest
 from unibct_ray.distributed.runtime import run_tasks
+from unibct_ray.errors import UserError
 
 __all__ = ["convert_rec"]
 
@@ -37,18 +39,24 @@ def convert_rec(
     overwrite: bool = False,
     progress: bool = True,
     parallelism: int | None = None,
+    connect: Callable[[], None] | None = None,
 ) -> Manifest:
     """Convert an MS1M-layout ``.rec`` into a shard set at ``out`` (atomically).
 
     Requires a connected Ray (see ``ensure_ray``). Shards hold consecutive image keys, so the
     set keeps the record (= class) order that ``data split`` relies on. ``parallelism``
-    bounds the tasks in flight (default: the cluster's CPUs).
+    bounds the tasks in flight (default: the cluster's CPUs). ``connect`` is called once the
+    ``.rec``/``.idx`` framing, header and keys are checked (before any Ray work).
     """
     reader = RecordIOReader(rec, idx)
     with reader:
         header = ms1m.read_ms1m_header(reader)
         keys = ms1m.image_keys(reader, header)
     ranges = plan_ranges(len(keys), rows_per_shard)
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    if connect is not None:
+        connect()
     if parallelism is None:
         parallelism = max(1, int(ray.cluster_resources().get("CPU", 1)))
     with StagedDir(out, overwrite=overwrite) as stage:

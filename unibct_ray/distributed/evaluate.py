@@ -22,6 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -281,8 +282,12 @@ def _render_distractors(checkpoint: Path, n: int, seed: int, cache_dir: Path, ac
     return out
 
 
-def run_eval(a: EvalArgs) -> dict:
-    """Evaluate and write ``OUT/report.json``, ``report.md``, ``roc.png``, ``cmc.png``."""
+def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
+    """Evaluate and write ``OUT/report.json``, ``report.md``, ``roc.png``, ``cmc.png``.
+
+    ``connect`` (e.g. the CLI's ``ensure_ray``) is called after every input is checked, and only
+    when Ray is needed (a checkpoint to embed, or ``shards > 1``).
+    """
     from unibct_ray.distributed.knn import RayShardedKNN
     from unibct_ray.metrics.distractors import DistractorKNN, RecallKNN
     from unibct_ray.metrics.evaluate import evaluate_features
@@ -320,6 +325,9 @@ def run_eval(a: EvalArgs) -> dict:
             raise DataFormatError(f"{a.distractor_features}: dimension {dist.shape[1]} differs from the old "
                                   f"model's {dims['old'][1]} ({dims['old'][0]})")
         del dist
+
+    if connect is not None and (a.old_checkpoint or a.new_checkpoint or a.shards > 1):
+        connect()
 
     def side(ckpt: Path | None, what: str) -> np.ndarray | None:
         if what in loaded:

@@ -32,7 +32,7 @@ from unibct_ray.data.shards import atomic_write_text, read_manifest
 from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, training_dataset
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
 
-__all__ = ["train", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
+__all__ = ["train", "check_inputs", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
@@ -300,10 +300,23 @@ def _check_old_checkpoint(cfg: TrainConfig) -> None:
                           f"{cfg.model.embedding_size}; compat.method {cfg.compat.method!r} needs one embedding space")
 
 
-def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> TrainResult:
-    """Run (or resume) a training job on the connected Ray cluster; returns the last checkpoint."""
-    from unibct_ray.distributed.prototypes import build_prototypes
+@dataclass(frozen=True)
+class _RunPlan:
+    cfg: TrainConfig           # a resumed run's own config
+    run_dir: Path
+    start_epoch: int
+    resume_from: str | None
+    train_dir: str = ""
+    num_classes: int = 0
+    done: "TrainResult | None" = None  # a resumed run that had already finished
 
+
+def _plan_run(cfg: TrainConfig, resume: str | os.PathLike | None) -> _RunPlan:
+    """Every check ``train`` makes before it writes or starts anything; needs no Ray.
+
+    A bad input (run folder, checkpoint, shard set, batch size, old checkpoint) raises here,
+    so it leaves no run directory behind.
+    """
     # Absolute paths: Ray Train workers and actors do not share the driver's working directory.
     run_dir = (Path(resume) if resume else Path(cfg.storage) / cfg.name).resolve()
     start_epoch, resume_from = 0, None
@@ -317,19 +330,36 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
             cfg = stored  # the run's own config wins; a resumed run must not change its recipe
         start_epoch, resume_from = int(state["epoch"]), str(latest)
         if start_epoch >= cfg.optim.epochs:
-            return TrainResult(run_dir, latest, json.loads(state["metrics"]))
+            return _RunPlan(cfg, run_dir, start_epoch, resume_from,
+                            done=TrainResult(run_dir, latest, json.loads(state["metrics"])))
     elif run_dir.exists() and find_latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir}: a run with checkpoints already exists (use --resume {run_dir} "
                         "or another name)")
-    # Inputs are checked before anything is written: a bad one leaves no run directory behind.
     train_dir = str(Path(cfg.data.train).resolve())
     num_classes = _num_classes(train_dir)
-    method = cfg.compat.method
-    if read_manifest(train_dir).rows < cfg.global_batch:
-        raise UserError(f"{train_dir}: {read_manifest(train_dir).rows} rows are fewer than one global batch "
-                        f"of {cfg.global_batch}")
-    if method != "independent":
+    rows = read_manifest(train_dir).rows
+    if rows < cfg.global_batch:
+        raise UserError(f"{train_dir}: {rows} rows are fewer than one global batch of {cfg.global_batch}")
+    if cfg.compat.method != "independent":
         _check_old_checkpoint(cfg)
+    return _RunPlan(cfg, run_dir, start_epoch, resume_from, train_dir, num_classes)
+
+
+def check_inputs(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> None:
+    """Raise the error ``train(cfg, resume=resume)`` would raise for a bad input, without Ray:
+    the CLI calls it before it starts or joins a cluster."""
+    _plan_run(cfg, resume)
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> TrainResult:
+    """Run (or resume) a training job on the connected Ray cluster; returns the last checkpoint."""
+    from unibct_ray.distributed.prototypes import build_prototypes
+
+    run = _plan_run(cfg, resume)
+    if run.done is not None:
+        return run.done
+    cfg, run_dir, start_epoch, resume_from = run.cfg, run.run_dir, run.start_epoch, run.resume_from
+    train_dir, num_classes, method = run.train_dir, run.num_classes, run.cfg.compat.method
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     # Old-model features over the new training set, once per run, keyed by record index.
