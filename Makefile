@@ -23,7 +23,7 @@ test-fast: venv
 	RAY_USAGE_STATS_ENABLED=0 RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -x -q -m "not slow"
 
 demo: venv
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/unibct-ray demo
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/unibct-ray demo --out runs/demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

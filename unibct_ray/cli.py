@@ -126,11 +126,37 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- tune
+def _cmd_tune(a: argparse.Namespace) -> int:
+    from unibct_ray.distributed.runtime import ensure_ray
+    from unibct_ray.distributed.tune import run_tune
+    from unibct_ray.tuning import check_validation, load_tune_spec, open_experiment
+
+    if a.resume is None and (a.config is None or a.num_samples is None):
+        raise UserError("--config and --num-samples are required (or --resume DIR to continue an experiment)")
+    if a.resume is not None and (a.objective is not None or a.max_concurrent is not None or a.set):
+        raise UserError("--objective/--max-concurrent/--set cannot change a resumed experiment (it keeps its recipe)")
+    spec = None
+    if a.config is not None:
+        spec = load_tune_spec(a.config, objective=a.objective, max_concurrent=a.max_concurrent, sets=a.set or [])
+    spec, n, out = open_experiment(spec, a.num_samples, a.resume)
+    check_validation(spec)  # before Ray starts: a bad folder fails in a second
+    ensure_ray(a.address, num_cpus=a.num_cpus)
+    s = run_tune(spec, n, out, resume=a.resume is not None)
+    counts = ", ".join(f"{c} {k.lower()}" for k, c in sorted(s["counts"].items()))
+    pick = (f"best: {s['best']} -> {out / 'best.yaml'}" if s["objective"] == "cross" and s["best"]
+            else f"Pareto front: {', '.join(s['pareto']) or 'empty'} -> {out / 'pareto'}/")
+    print(f"done: {len(s['trials'])} trials ({counts}); {pick}; report {out / 'tune.md'}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def _cmd_demo(a: argparse.Namespace) -> int:
     from unibct_ray.demo import run_demo
 
-    return run_demo(Path(a.out), overwrite=a.overwrite)
+    run_demo(Path(a.out), scenario=a.scenario, seed=a.seed, quick=a.quick, methods=a.methods,
+             overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,11 +309,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
 
+    p = _sub(sub, "tune", "Ray Tune + Optuna sweep over compatibility settings",
+             "Search train-config keys (e.g. compat.weight, compat.scale, compat.margin, compat.lam,\n"
+             "compat.temperature, compat.refine_epochs) with Optuna on Ray Tune. Each trial trains the\n"
+             "sampled config on Ray Train, then evaluates it against the old model on a validation\n"
+             "IJB-C folder of held-out identities (TAR at the tune file's FAR; no bootstrap).\n"
+             "  --objective cross   maximise cross TAR subject to self_new >= the file's self_new_floor\n"
+             "  --objective pareto  cross and self_new both maximised; the Pareto front is returned\n"
+             "The tune file (YAML, strict) names the base train config, the old checkpoint, the\n"
+             "validation folder, the FAR, the floor, optional ASHA settings and the search space;\n"
+             "see jobs/configs/synthetic/tune-unibct.yaml.\n\n"
+             "Writes DIR = STORAGE/NAME of the tune file: tune.md (trials table, best or Pareto set),\n"
+             "trials.json, best.yaml (cross) or pareto/<trial>.yaml (pareto): whole train configs for\n"
+             "`unibct-ray train --config`, pareto.png (cross vs self_new), trials/<trial>/ (runs).\n"
+             "--resume DIR continues an interrupted experiment: finished trials are kept, the others\n"
+             "run again from their last training checkpoint.",
+             _cmd_tune)
+    p.add_argument("--config", type=Path, default=None, help="tune file (YAML); required unless --resume")
+    p.add_argument("--num-samples", type=int, default=None, help="trials to run; required unless --resume")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at a time (default: the tune file's max_concurrent, else 1)")
+    p.add_argument("--objective", choices=["cross", "pareto"], default=None,
+                   help="what to optimise (default: the tune file's objective, else cross)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key of the base train config for every trial, e.g. --set num_workers=4")
+    p.add_argument("--resume", type=Path, default=None, help="experiment directory to continue")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
+
     p = _sub(sub, "demo", "the embedded default end to end on local Ray",
-             "Run the main job on the embedded default: synthetic data, local Ray, CPU.",
+             "Run the main job on the embedded default: synthetic data in the real formats, local Ray,\n"
+             "CPU. Per scenario: train the old model and one new model per method, evaluate each\n"
+             "(self_old, self_new, cross on the synthetic IJB-C) and write DIR/summary.json\n"
+             "({scenario: {method: report}}), DIR/summary.md and DIR/summary.png. Data are cached and\n"
+             "finished runs reused between invocations; configs: jobs/configs/synthetic/*.yaml.",
              _cmd_demo)
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="working directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working directory")
+    p.add_argument("--scenario", default="open-class",
+                   choices=["open-class", "open-data", "extended-class", "extended-data", "all"],
+                   help="upgrade scenario (all: the four, one after the other)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training")
+    p.add_argument("--quick", action="store_true", help="tiny data and 3 epochs: checks the wiring in ~2 minutes")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="new-model methods (default: independent l2 bct unibct; also l2-weak, "
+                        "unibct-column = the column-softmax refinement ablation)")
+    p.add_argument("--overwrite", action="store_true", help="retrain and re-evaluate (the rendered data stay cached)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
 
     from unibct_ray.bench import add_bench_parser
 

@@ -84,6 +84,9 @@ class CompatSection:
     lam: float = 0.9
     temperature: float = 0.05
     axis: str = "row"             # row (ours) | column (public re-implementation)
+    # Directory where old-model features of a training set are kept and shared between runs
+    # (keyed by the old checkpoint's and the shard manifest's hashes); "" = inside the run.
+    old_features_cache: str = ""
 
 
 @dataclass(frozen=True)

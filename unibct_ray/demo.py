@@ -1,84 +1,365 @@
-"""The embedded default end to end on a local Ray (synthetic data, CPU, a few minutes).
+"""The embedded default end to end on a local Ray (synthetic data, CPU, minutes).
 
-1. render a synthetic MS1M ``.rec`` + IJB-C folder; 2. convert to Parquet shards; 3. split
-for an upgrade scenario; 4. train the old model; 5. train a UniBCT new model (prototype
-refinement on actors between epochs); 6. evaluate self_old / self_new / cross on IJB-C and
-write the report. The configs are ``jobs/configs/synthetic/*.yaml``, the same files a user
-edits; every step is the same code the CLI runs on real data.
+For each upgrade scenario: render a synthetic MS1M ``.rec`` + IJB-C folder (cached between
+runs), convert it to Parquet shards, split it, train the old model, train one new model per
+method (``independent``, ``l2``, ``bct``, ``unibct`` by default), evaluate each new model
+against the old one (self_old / self_new / cross on IJB-C) and write
+
+    DIR/summary.json   {scenario: {method: <report.json of that evaluation>}}
+    DIR/summary.md     the comparison table (TAR@FAR=1e-3, top-1) and the demo's checks
+    DIR/summary.png    TAR@FAR=1e-3 per method and test, with bootstrap intervals
+
+The configs are ``jobs/configs/synthetic/*.yaml`` - the files a user edits - and every step is
+the code the CLI runs on real data. Finished training runs whose config is unchanged are
+reused, and an interrupted one resumes from its last checkpoint, so a rerun of the demo only
+does what is missing (``--overwrite`` retrains everything; the rendered data stay cached).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["run_demo", "DEMO_CONFIGS"]
+from unibct_ray.errors import UserError
+
+__all__ = ["run_demo", "DemoPlan", "demo_plan", "DEMO_CONFIGS", "SCENARIOS", "METHODS", "DEMO_FAR",
+           "demo_checks", "write_summary"]
 
 DEMO_CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "synthetic"
+SCENARIOS = ("open-class", "open-data", "extended-class", "extended-data")
+DEFAULT_METHODS = ("independent", "l2", "bct", "unibct")
+# method -> (config file in DEMO_CONFIGS, extra overrides); unibct-column is the refinement
+# ablation: the public re-implementation's column softmax (= plain class means).
+METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "independent": ("new-independent.yaml", ()),
+    "l2": ("new-l2.yaml", ()),
+    "l2-weak": ("new-l2-weak.yaml", ()),
+    "bct": ("new-bct.yaml", ()),
+    "unibct": ("new-unibct.yaml", ()),
+    "unibct-column": ("new-unibct.yaml", ("compat.axis=column", "name=synthetic-new-unibct-column")),
+}
+DEMO_FAR = "1e-3"  # ~20 impostor pairs per 20k at 1e-3; 1e-4 would rest on two
+MARKER = ".unibct-demo"
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run (the full default or ``--quick``)."""
+
+    identities: int = 100
+    images_per_identity: int = 30
+    image_size: int = 32
+    eval_identities: int = 100
+    epochs: int | None = None         # None: the configs' own
+    refine_epochs: tuple[int, ...] | None = None
+    bootstrap: int = 200
+    split_ratio: float = 0.3
+    extra: tuple[str, ...] = field(default_factory=tuple)  # more overrides for every run
+
+
+def demo_plan(quick: bool) -> DemoPlan:
+    if not quick:
+        return DemoPlan()
+    return DemoPlan(identities=40, images_per_identity=12, eval_identities=40, epochs=3,
+                    refine_epochs=(2,), bootstrap=0, extra=("global_batch=32",))
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run_demo(out: Path, *, overwrite: bool = False, scenario: str = "open-class", method: str = "unibct") -> int:
-    from unibct_ray.config import load_config
+def _same_config(run_dir: Path, cfg_dict: dict) -> bool:
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return stored == json.loads(json.dumps(cfg_dict))
+
+
+def _train_or_reuse(cfg: Any) -> Path:
+    """Train ``cfg``; reuse a finished run of the same config, resume an interrupted one."""
+    from unibct_ray.checkpoint import find_latest_checkpoint
+    from unibct_ray.config import to_dict
+    from unibct_ray.distributed.train import train
+
+    run_dir = (Path(cfg.storage) / cfg.name).resolve()
+    if run_dir.exists():
+        if _same_config(run_dir, to_dict(cfg)):
+            if (run_dir / "final.pt").is_file():
+                _say(f"    {cfg.name}: reusing the finished run in {run_dir}")
+                return run_dir / "final.pt"
+            if find_latest_checkpoint(run_dir) is not None:
+                _say(f"    {cfg.name}: resuming the interrupted run in {run_dir}")
+                return train(cfg, resume=run_dir).checkpoint
+        shutil.rmtree(run_dir)  # another recipe (or nothing usable) under this name: start over
+    return train(cfg).checkpoint
+
+
+def _prepare_data(out: Path, plan: DemoPlan, seed: int, scenarios: list[str]) -> tuple[Path, dict[str, Path]]:
+    """Render + convert + split once per (sizes, seed); returns (synth dir, {scenario: split dir})."""
+    from unibct_ray.data.shards import atomic_write_text
     from unibct_ray.data.splits import split_shards
     from unibct_ray.data.synth import SynthSpec
     from unibct_ray.distributed.convert import convert_rec
+    from unibct_ray.distributed.synth import synthesize
+
+    spec = SynthSpec(identities=plan.identities, images_per_identity=plan.images_per_identity,
+                     size=plan.image_size, eval_identities=plan.eval_identities, seed=seed)
+    key = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = out / "data" / key
+    synth, shards = root / "synth", root / "shards"
+    if (root / "spec.json").is_file() and (shards / "manifest.json").is_file():
+        _say(f"1/5 synthetic data: cached in {root}")
+    else:
+        _say(f"1/5 rendering the synthetic benchmark into {synth}")
+        if root.exists():
+            shutil.rmtree(root)
+        s = synthesize(spec, synth, progress=False)
+        _say(f"    {s['train']['images']} training images of {s['train']['identities']} identities; IJB-C: "
+             f"{s['ijbc']['images']} images, {s['ijbc']['templates']} templates, {s['ijbc']['pairs']} pairs")
+        m = convert_rec(synth / "train.rec", shards, rows_per_shard=500, progress=False)
+        _say(f"    converted train.rec to {m.rows} rows in {len(m.shards)} Parquet shards")
+        atomic_write_text(root / "spec.json", json.dumps(spec.to_json(), indent=2, default=str) + "\n")
+    splits = {}
+    for sc in scenarios:
+        d = root / "splits" / sc
+        if not (d / "new" / "manifest.json").is_file():
+            split_shards(shards, sc, plan.split_ratio, d, progress=False)
+        splits[sc] = d
+    return synth, splits
+
+
+def _method_config(method: str, split: Path, runs: Path, old_ckpt: Path, cache: Path, plan: DemoPlan,
+                   seed: int) -> Any:
+    from unibct_ray.config import load_config
+
+    file, extra = METHODS[method]
+    sets = [f"data.train={split / 'new'}", f"storage={runs}", f"compat.old_checkpoint={old_ckpt}",
+            f"compat.old_features_cache={cache}", f"seed={seed}", f"data.image_size={plan.image_size}",
+            *extra, *plan.extra]
+    if plan.epochs is not None:
+        sets.append(f"optim.epochs={plan.epochs}")
+    if plan.refine_epochs is not None:
+        sets.append(f"compat.refine_epochs=[{', '.join(map(str, plan.refine_epochs))}]")
+    return load_config(DEMO_CONFIGS / file, sets)
+
+
+def demo_checks(results: dict[str, dict[str, Any]], far: str = DEMO_FAR) -> list[tuple[str, bool | None]]:
+    """The three things the demo should show, each (statement, holds?) at TAR@FAR=``far``.
+
+    (a) every new model beats the old one (self_new > self_old); (b) the independent model
+    is incompatible (cross < 0.5 x self_old); (c) UniBCT is compatible (cross > self_old).
+    None when the method was not run.
+    """
+    def tar(method: str, test: str) -> float:
+        v = results[method]["verification"][test][far]
+        return float("nan") if v is None else float(v)
+
+    news = [m for m in results]
+    a = all(tar(m, "self_new") > tar(m, "self_old") for m in news) if news else None
+    b = tar("independent", "cross") < 0.5 * tar("independent", "self_old") if "independent" in results else None
+    c = tar("unibct", "cross") > tar("unibct", "self_old") if "unibct" in results else None
+    return [(f"every new model beats the old one (self_new > self_old at FAR={far})", a),
+            (f"independent is incompatible (cross < 0.5 x self_old at FAR={far})", b),
+            (f"unibct is compatible (cross > self_old at FAR={far})", c)]
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def _table(results: dict[str, dict[str, Any]], far: str = DEMO_FAR) -> list[str]:
+    lines = [f"| method | self_old | self_new | cross | cross - self_old [95% CI] | compatible | top-1 self_old / self_new / cross |",
+             "|---|---|---|---|---|---|---|"]
+    for m, r in results.items():
+        v, i, d = r["verification"], r["identification"], r.get("difference", {})
+        ci = d.get("ci95")
+        diff = _fmt(d.get("value")) + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+        top = " / ".join(_fmt(i[t]["top1"]) for t in ("self_old", "self_new", "cross"))
+        lines.append(f"| {m} | {_fmt(v['self_old'][far])} | {_fmt(v['self_new'][far])} | {_fmt(v['cross'][far])} "
+                     f"| {diff} | {'yes' if r.get('compatible') else 'no'} | {top} |")
+    return lines
+
+
+def _plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path, far: str = DEMO_FAR) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tests = ("self_old", "self_new", "cross")
+    colors = {"self_old": "#8c8c8c", "self_new": "#4c72b0", "cross": "#dd8452"}
+    fig, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 4), squeeze=False)
+    for ax, (scenario, results) in zip(axes[0], summary.items()):
+        methods = list(results)
+        x = np.arange(len(methods))
+        for j, t in enumerate(tests):
+            vals = [results[m]["verification"][t][far] or 0.0 for m in methods]
+            err = None
+            ints = [((results[m].get("bootstrap") or {}).get("verification") or {}).get(t, {}).get(far) for m in methods]
+            if all(isinstance(c, (list, tuple)) and len(c) == 2 for c in ints):
+                err = np.array([[max(v - c[0], 0) for v, c in zip(vals, ints)], [max(c[1] - v, 0) for v, c in zip(vals, ints)]])
+            ax.bar(x + (j - 1) * 0.27, vals, 0.27, yerr=err, capsize=2, label=t, color=colors[t])
+        ax.set_xticks(x, methods, rotation=20)
+        ax.set_title(scenario)
+        ax.set_ylabel(f"TAR @ FAR={far}")
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_summary(out: Path, summary: dict[str, dict[str, dict[str, Any]]], header: list[str]) -> list[str]:
+    """Write summary.json / summary.md / summary.png (atomically); returns the markdown lines."""
+    from unibct_ray.data.shards import atomic_write_text
+
+    md = [*header, ""]
+    for scenario, results in summary.items():
+        md += [f"## {scenario}", "", *_table(results), ""]
+        md += [f"- {'yes' if ok else ('n/a' if ok is None else 'NO')}: {text}" for text, ok in demo_checks(results)]
+        md.append("")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
+    _plot(summary, out / "summary.png")
+    return md
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise UserError(f"{out}: exists and is not a demo directory (no {MARKER}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("unibct-ray demo output; safe to delete\n")
+
+
+def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: bool = False,
+             methods: list[str] | None = None, overwrite: bool = False, address: str | None = None,
+             num_cpus: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Run the demo into ``out``; returns the summary ``{scenario: {method: report}}``."""
+    from unibct_ray.config import load_config
     from unibct_ray.distributed.evaluate import EvalArgs, run_eval
     from unibct_ray.distributed.runtime import ensure_ray
-    from unibct_ray.distributed.synth import synthesize
-    from unibct_ray.distributed.train import train
-    from unibct_ray.errors import UserError
 
-    if out.exists():
-        if not overwrite:
-            raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
+    for sc in scenarios:
+        if sc not in SCENARIOS:
+            raise UserError(f"--scenario must be one of {', '.join(SCENARIOS)} or all, got {sc!r}")
+    methods = list(methods or DEFAULT_METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"--methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
     if not DEMO_CONFIGS.is_dir():
         raise UserError(f"{DEMO_CONFIGS}: demo configs not found (run from a checkout of the project)")
+    out = Path(out).resolve()
+    _check_out(out)
+    plan = demo_plan(quick)
     t0 = time.perf_counter()
-    ensure_ray()
+    ensure_ray(address, num_cpus=num_cpus)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    spec = SynthSpec(identities=100, images_per_identity=30, size=48, eval_identities=100)
-    _say(f"1/6 rendering the synthetic benchmark into {out / 'synth'}")
-    s = synthesize(spec, out / "synth")
-    _say(f"    {s['train']['images']} training images of {s['train']['identities']} identities; IJB-C: "
-         f"{s['ijbc']['images']} images, {s['ijbc']['templates']} templates, {s['ijbc']['pairs']} pairs")
-    _say("2/6 converting train.rec to Parquet shards")
-    m = convert_rec(out / "synth" / "train.rec", out / "shards", rows_per_shard=500)
-    _say(f"    {m.rows} rows in {len(m.shards)} shards")
-    _say(f"3/6 splitting for the {scenario} upgrade scenario (r = 0.3)")
-    sp = split_shards(out / "shards", scenario, 0.3, out / scenario, progress=False)
-    _say(f"    old: {sp['old']['rows']} images / {sp['old']['classes']} classes; "
-         f"new: {sp['new']['rows']} images / {sp['new']['classes']} classes")
+    synth, splits = _prepare_data(out, plan, seed, scenarios)
+    tag = f"seed-{seed}" + ("-quick" if quick else "")
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    timings: dict[str, float] = {}
+    for sc in scenarios:
+        t_sc = time.perf_counter()
+        split = splits[sc]
+        base = out / sc / tag
+        runs, evals = base / "runs", base / "eval"
+        if overwrite and base.exists():
+            shutil.rmtree(base)
+        _say(f"2/5 [{sc}] split (r = {plan.split_ratio}) in {split}")
+        sets = [f"data.train={split / 'old'}", f"storage={runs}", f"seed={seed}",
+                f"data.image_size={plan.image_size}", *plan.extra]
+        if plan.epochs is not None:
+            sets.append(f"optim.epochs={plan.epochs}")
+        old_cfg = load_config(DEMO_CONFIGS / "old.yaml", sets)
+        _say(f"3/5 [{sc}] training the old model ({old_cfg.model.backbone}, {old_cfg.optim.epochs} epochs, "
+             f"{old_cfg.num_workers} Ray Train workers)")
+        old_ckpt = _train_or_reuse(old_cfg)
+        results: dict[str, dict[str, Any]] = {}
+        for i, m in enumerate(methods, 1):
+            cfg = _method_config(m, split, runs, old_ckpt, out / "cache" / "old-features", plan, seed)
+            extra = f", refinement at epochs {list(cfg.compat.refine_epochs)}" if cfg.compat.method == "unibct" else ""
+            _say(f"4/5 [{sc}] new model {i}/{len(methods)}: {m} ({cfg.optim.epochs} epochs{extra})")
+            new_ckpt = _train_or_reuse(cfg)
+            _say(f"5/5 [{sc}] evaluating {m}: self_old, self_new, cross on the synthetic IJB-C")
+            if (evals / m).exists():
+                shutil.rmtree(evals / m)  # the demo's own report; the feature cache stays
+            results[m] = run_eval(EvalArgs(ijbc=synth, out=evals / m, old_checkpoint=old_ckpt, new_checkpoint=new_ckpt,
+                                           criterion_far=float(DEMO_FAR), bootstrap=plan.bootstrap, seed=seed,
+                                           cache_dir=out / "cache" / "ijbc-features"))
+            v = results[m]["verification"]
+            _say(f"    {m}: TAR@FAR={DEMO_FAR} self_old {_fmt(v['self_old'][DEMO_FAR])}  "
+                 f"self_new {_fmt(v['self_new'][DEMO_FAR])}  cross {_fmt(v['cross'][DEMO_FAR])}")
+        summary[sc] = results
+        timings[sc] = time.perf_counter() - t_sc
 
-    runs = out / "runs"
-    old_cfg = load_config(DEMO_CONFIGS / "old.yaml",
-                          [f"data.train={out / scenario / 'old'}", f"storage={runs}"])
-    _say(f"4/6 training the old model ({old_cfg.model.backbone}, {old_cfg.optim.epochs} epochs, "
-         f"{old_cfg.num_workers} Ray Train workers)")
-    old = train(old_cfg)
-    new_cfg = load_config(DEMO_CONFIGS / f"new-{method}.yaml",
-                          [f"data.train={out / scenario / 'new'}", f"storage={runs}",
-                           f"compat.old_checkpoint={old.checkpoint}"])
-    _say(f"5/6 training the new model with {method} (refinement at epochs {list(new_cfg.compat.refine_epochs)})")
-    new = train(new_cfg)
-    _say("6/6 evaluating on the synthetic IJB-C: self_old, self_new, cross")
-    report = run_eval(EvalArgs(ijbc=out / "synth", out=out / "report", old_checkpoint=old.checkpoint,
-                               new_checkpoint=new.checkpoint, bootstrap=100))
-    far = "1e-4"
-    v = report["verification"]
-    _say(f"    TAR@FAR={far}: self_old {v['self_old'][far]:.3f}  self_new {v['self_new'][far]:.3f}  "
-         f"cross {v['cross'][far]:.3f}")
-    i = report["identification"]
-    _say(f"    1:N top-1:     self_old {i['self_old']['top1']:.3f}  self_new {i['self_new']['top1']:.3f}  "
-         f"cross {i['cross']['top1']:.3f}")
-    _say(f"    compatible (cross > self_old at FAR {far}, bootstrap interval above 0): {report['compatible']}")
-    _say(f"done in {time.perf_counter() - t0:.0f} s: {out / 'report' / 'report.md'}, roc.png, cmc.png")
+    header = [f"# unibct-ray demo ({'quick, ' if quick else ''}seed {seed})", "",
+              f"Synthetic data: {asdict(plan)}.", "",
+              f"TAR at FAR={DEMO_FAR} on the synthetic IJB-C (1:1); cross = old gallery/enrolment vs new probe. "
+              "Intervals: 95% subject bootstrap of the difference." if plan.bootstrap else
+              f"TAR at FAR={DEMO_FAR} on the synthetic IJB-C (1:1); bootstrap off (--quick).", "",
+              "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "."]
+    md = write_summary(out, summary, header)
+    print("\n".join(md[len(header):]), flush=True)
+    _say(f"done in {time.perf_counter() - t0:.0f} s: {out / 'summary.md'}, summary.json, summary.png")
+    return summary
+
+
+def aggregate(summaries: list[dict[str, dict[str, dict[str, Any]]]], far: str = DEMO_FAR) -> list[str]:
+    """Mean ± spread over seeds of TAR@FAR (self_old / self_new / cross) per scenario and method.
+
+    ``summaries`` are several ``summary.json`` contents (one per seed). Spread = (max - min) / 2,
+    so "mean ± spread" spans every seed; ``n`` counts the seeds that ran the method. The last
+    column counts the seeds where cross > self_old.
+    """
+    import numpy as np
+
+    lines = [f"| scenario | method | n | self_old | self_new | cross | cross > self_old |", "|---|---|---|---|---|---|---|"]
+    scenarios = list(dict.fromkeys(sc for s in summaries for sc in s))
+    for sc in scenarios:
+        methods = list(dict.fromkeys(m for s in summaries for m in s.get(sc, {})))
+        for m in methods:
+            reps = [s[sc][m] for s in summaries if m in s.get(sc, {})]
+            cells = []
+            for t in ("self_old", "self_new", "cross"):
+                v = np.array([np.nan if r["verification"][t][far] is None else r["verification"][t][far] for r in reps])
+                cells.append(f"{np.nanmean(v):.3f} ± {(np.nanmax(v) - np.nanmin(v)) / 2:.3f}")
+            wins = sum(1 for r in reps if (r["verification"]["cross"][far] or 0) > (r["verification"]["self_old"][far] or 0))
+            lines.append(f"| {sc} | {m} | {len(reps)} | {' | '.join(cells)} | {wins}/{len(reps)} |")
+    return lines
+
+
+def _aggregate_main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m unibct_ray.demo",
+                                description="Mean ± spread table over several demo summary.json files (one per seed).")
+    p.add_argument("summaries", nargs="+", type=Path, help="DIR/summary.json of each seed")
+    a = p.parse_args(argv)
+    loaded = []
+    for f in a.summaries:
+        try:
+            loaded.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{f}: not a readable summary.json ({e})")
+    print("\n".join(aggregate(loaded)))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_aggregate_main())

@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -205,6 +205,18 @@ class TrainResult:
     metrics: dict
 
 
+def _old_features_key(old_checkpoint: str, train_dir: str) -> str:
+    """``<checkpoint sha256[:16]>-<manifest sha256[:12]>``: same model and same shard set."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(old_checkpoint, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    m = hashlib.sha256((Path(train_dir) / "manifest.json").read_bytes()).hexdigest()
+    return f"{h.hexdigest()[:16]}-{m[:12]}"
+
+
 def _num_classes(shards: str) -> int:
     m = read_manifest(shards)
     return int(max(m.classes, int(m.extra.get("label_max", m.classes - 1)) + 1))
@@ -351,8 +363,13 @@ def check_inputs(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> N
     _plan_run(cfg, resume)
 
 
-def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> TrainResult:
-    """Run (or resume) a training job on the connected Ray cluster; returns the last checkpoint."""
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
+          on_phase_end: Callable[[Path, int], None] | None = None) -> TrainResult:
+    """Run (or resume) a training job on the connected Ray cluster; returns the last checkpoint.
+
+    ``on_phase_end(checkpoint file, epochs done)`` runs in the driver after each training
+    phase (a sweep evaluates there, giving early stopping its intermediate results).
+    """
     from unibct_ray.distributed.prototypes import build_prototypes
 
     run = _plan_run(cfg, resume)
@@ -367,6 +384,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
         from unibct_ray.distributed.extract import extract_features
 
         aug = run_dir / "old_features"
+        if cfg.compat.old_features_cache:
+            aug = Path(cfg.compat.old_features_cache).resolve() / _old_features_key(cfg.compat.old_checkpoint, train_dir)
         if not (aug / "manifest.json").exists():
             print(f"[{cfg.name}] extracting old-model features of {train_dir} ({cfg.extract_actors} actors)", flush=True)
             extract_features(train_dir, aug, checkpoint=Path(cfg.compat.old_checkpoint).resolve(), column=OLD_FEATURE_COLUMN,
@@ -391,6 +410,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> Train
             "prototypes": str(Path(protos).resolve()) if protos else None,
         }
         checkpoint = _fit(cfg, loop, dataset, run_dir, f"epochs-{first:03d}-{end:03d}")
+        if on_phase_end is not None:
+            on_phase_end(checkpoint, end)
     state = load_checkpoint(checkpoint)
     final = run_dir / "final.pt"
     shutil.copyfile(checkpoint, final)
