@@ -1,0 +1,267 @@
+"""``unibct-ray tune``: Ray Tune + Optuna over train-config keys, each trial trained on Ray Train
+and evaluated on held-out identities.
+
+A trial is a Tune *function trainable* that asks for no CPU itself: it calls ``train()`` (whose
+``TorchTrainer`` workers, extraction and refinement actors request their own resources), then
+evaluates the final checkpoint against the old model on the validation IJB-C folder
+(bootstrap off) and reports TAR at the sweep's FAR for cross, self_new and self_old. Objective
+``cross`` maximises one number (:func:`unibct_ray.tuning.objective_value`); objective
+``pareto`` gives Optuna two (cross, self_new) and the front is computed from the results.
+
+Experiment directory ``DIR = storage/name``::
+
+    DIR/tune-spec.json       the resolved tune file (a resumed experiment keeps its recipe)
+    DIR/trials/<trial>/      the trial's training run (checkpoints, metrics.csv, final.pt),
+                             val/ (its validation reports), result.json, attempts.log
+    DIR/cache/               validation features by checkpoint hash (the old model's once)
+    DIR/old_features/        old-model features of the training set, extracted once
+    DIR/tune.md, trials.json, best.yaml | pareto/<trial>.yaml, pareto.png
+    DIR/trial-<id>/, experiment_state-*.json, ...   Ray Tune's own state
+
+The outputs are rewritten whenever a trial changes state, so ``tune.md`` shows a running sweep.
+``--resume DIR`` restores Tune's state: finished trials keep their results, unfinished and
+errored ones run again and continue from their own last training checkpoint. A trial whose
+``result.json`` exists (it finished, but the driver died before Tune saved that) reports the
+stored result without training again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from unibct_ray.config import TrainConfig
+from unibct_ray.data.shards import atomic_write_text
+from unibct_ray.errors import UserError
+from unibct_ray.tuning import SPEC_FILE, TrialRecord, TuneSpec, check_validation, objective_value, write_outputs
+
+__all__ = ["run_tune", "run_trial", "TuneOutputs", "TRIALS_DIR"]
+
+TRIALS_DIR = "trials"
+CACHE_DIR = "cache"
+OLD_FEATURES_DIR = "old_features"
+RESULT_FILE = "result.json"
+ATTEMPTS_FILE = "attempts.log"
+TRIAL_CPU = 0.01
+
+
+def _log_attempt(run_dir: Path, what: str) -> None:
+    with open(run_dir / ATTEMPTS_FILE, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()} {what}\n")
+
+
+def _evaluate(spec: TuneSpec, exp_dir: Path, out: Path, checkpoint: Path, epoch: int, final: bool) -> dict:
+    """Validation TARs of ``checkpoint`` against the old model -> the metrics a trial reports."""
+    from unibct_ray.distributed.evaluate import EvalArgs, run_eval
+    from unibct_ray.metrics.verification import rate_key
+
+    (out / "report.json").unlink(missing_ok=True)  # a trial run again after a driver restart
+    rep = run_eval(EvalArgs(ijbc=Path(spec.validation), out=out, old_checkpoint=Path(spec.old_checkpoint),
+                            new_checkpoint=Path(checkpoint), criterion_far=spec.far, bootstrap=0, shards=1,
+                            actors=spec.eval_actors, cache_dir=exp_dir / CACHE_DIR))
+    key = rate_key(spec.far)
+    tar = {t: rep["verification"][t].get(key) for t in ("cross", "self_new", "self_old")}
+    bad = [t for t, v in tar.items() if v is None or not math.isfinite(v)]
+    if bad:
+        raise RuntimeError(f"{spec.validation}: TAR at FAR {key} is undefined for {', '.join(bad)}")
+    return {**tar, "objective": objective_value(tar["cross"], tar["self_new"], spec.self_new_floor),
+            "epoch": int(epoch), "final": bool(final)}
+
+
+def _shared_old_features(cfg: TrainConfig, exp_dir: Path) -> TrainConfig:
+    """Every trial reads one copy of the old model's features of the training set (the sweep
+    cannot change the data or the old model), in ``DIR/old_features`` unless the base config
+    names its own cache."""
+    if cfg.compat.old_features_cache:
+        return cfg
+    return replace(cfg, compat=replace(cfg.compat, old_features_cache=str(exp_dir / OLD_FEATURES_DIR)))
+
+
+def run_trial(config: dict, spec: dict | None = None, exp_dir: str | None = None) -> None:
+    """The Tune trainable: train the sampled config, evaluate on the validation set, report."""
+    from unibct_ray.checkpoint import find_latest_checkpoint
+    from unibct_ray.distributed.train import train
+
+    s = TuneSpec.from_json(spec)
+    exp = Path(exp_dir)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = exp / TRIALS_DIR / trial_id
+    cfg = _shared_old_features(s.train_config(s.decode(config), name=trial_id, storage=str(exp / TRIALS_DIR)), exp)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = run_dir / RESULT_FILE
+    if done.exists():
+        _log_attempt(run_dir, "cached result")
+        tune.report(json.loads(done.read_text()))
+        return
+    resume = run_dir if find_latest_checkpoint(run_dir) is not None else None
+    _log_attempt(run_dir, "resume training" if resume else "train")
+
+    on_phase_end = None
+    if s.asha is not None:  # ASHA's rungs: an evaluation at each phase end (refinement epoch)
+        def on_phase_end(checkpoint: Path, epoch: int) -> None:
+            if epoch < cfg.optim.epochs:
+                tune.report(_evaluate(s, exp, run_dir / "val" / f"epoch-{epoch:03d}", checkpoint, epoch, False))
+
+    res = train(cfg, resume=resume, on_phase_end=on_phase_end)
+    metrics = _evaluate(s, exp, run_dir / "val" / "final", res.checkpoint, cfg.optim.epochs, True)
+    atomic_write_text(done, json.dumps(metrics) + "\n")
+    tune.report(metrics)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+def _error_line(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    if not path or not os.path.exists(path):
+        return "failed (no error file)" if trial.status == "ERROR" else ""
+    lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    return (lines[-1] if lines else "failed")[:300]
+
+
+class TuneOutputs(tune.Callback):
+    """Rewrites the experiment's outputs whenever a trial changes state or reports.
+
+    The files can be ahead of Tune's saved experiment state (Tune saves it every 10 s or more):
+    a trial they show finished may come back unfinished after a driver restart. Tune then
+    starts it again and it reports its stored ``result.json`` without training (``run_trial``).
+    """
+
+    def __init__(self, spec: dict, exp_dir: str, num_samples: int):
+        self.spec, self.exp_dir, self.num_samples = spec, exp_dir, num_samples
+        self._last = ""
+        self._plotted: list[str] | None = None
+
+    def _records(self, trials: list) -> list[TrialRecord]:
+        s = TuneSpec.from_json(self.spec)
+        out = []
+        for t in trials:
+            r = t.last_result or {}
+            try:
+                params = s.decode(t.config)
+            except (KeyError, ValueError):
+                params = dict(t.config)
+            out.append(TrialRecord(
+                trial_id=t.trial_id, status=t.status, params=params,
+                cross=r.get("cross"), self_new=r.get("self_new"), self_old=r.get("self_old"),
+                objective=r.get("objective"), epoch=r.get("epoch"), final=bool(r.get("final", False)),
+                error=_error_line(t) if t.status == "ERROR" else ""))
+        return out
+
+    def _write(self, trials: list, done: bool) -> None:
+        recs = self._records(trials)
+        key = json.dumps([[r.trial_id, r.status, r.epoch, r.cross, r.self_new, r.error] for r in recs] + [done])
+        if key == self._last:
+            return
+        before = {x[0]: x[1] for x in json.loads(self._last)[:-1]} if self._last else {}
+        self._last = key
+        complete = sorted(r.trial_id for r in recs if r.complete)
+        write_outputs(TuneSpec.from_json(self.spec), recs, self.exp_dir, num_samples=self.num_samples, done=done,
+                      plot=complete != self._plotted or done)
+        self._plotted = complete
+        for r in recs:
+            if before.get(r.trial_id) != r.status and r.status in ("TERMINATED", "ERROR"):
+                what = (f"cross {r.cross:.4f}  self_new {r.self_new:.4f}  self_old {r.self_old:.4f}"
+                        if r.cross is not None else r.error)
+                print(f"[tune] trial {r.trial_id} {r.state.lower()}: {r.params}  {what}", flush=True)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._write(trials, done=False)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._write(trials, done=True)
+
+
+def _prepare(spec: TuneSpec, exp_dir: Path) -> None:
+    """Check the validation set and extract what every trial shares, once, before any trial."""
+    from unibct_ray.distributed.evaluate import checkpoint_features
+
+    meta = check_validation(spec)
+    print(f"[tune] validation set: {len(meta.image_names)} images, {len(meta.pair_labels)} pairs; "
+          "old-model features", flush=True)
+    checkpoint_features(meta, Path(spec.old_checkpoint), exp_dir / CACHE_DIR, spec.eval_actors)
+    methods = {spec.base_config["compat"]["method"]}
+    if any(p.key == "compat.method" for p in spec.space):
+        methods |= set(spec.param("compat.method").choices)
+    if methods != {"independent"}:
+        # Extracted here, once: trials running at the same time must not race to write it.
+        from unibct_ray.distributed.data import OLD_FEATURE_COLUMN
+        from unibct_ray.distributed.extract import extract_features
+        from unibct_ray.distributed.train import _old_features_key
+
+        cfg = _shared_old_features(spec.train_config({}, name="old-features"), exp_dir)
+        out = Path(cfg.compat.old_features_cache) / _old_features_key(cfg.compat.old_checkpoint, cfg.data.train)
+        if not (out / "manifest.json").exists():
+            print(f"[tune] old-model features of {cfg.data.train} ({cfg.extract_actors} actors)", flush=True)
+            extract_features(cfg.data.train, out, checkpoint=Path(cfg.compat.old_checkpoint), column=OLD_FEATURE_COLUMN,
+                             keep_images=True, actors=cfg.extract_actors)
+
+
+def _searcher_and_scheduler(spec: TuneSpec) -> tuple[Any, Any, dict]:
+    from ray.tune.search.optuna import OptunaSearch
+
+    if spec.objective == "cross":
+        metric, mode = "objective", "max"
+        tune_kw = {"metric": metric, "mode": mode}
+    else:
+        metric, mode = ["cross", "self_new"], ["max", "max"]
+        tune_kw = {}  # a metric list is the searcher's alone (TuneConfig takes one metric)
+    search = OptunaSearch(space=spec.optuna_space(), metric=metric, mode=mode, seed=spec.seed)
+    scheduler = None
+    if spec.asha is not None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        epochs = spec.base_config["optim"]["epochs"]
+        if any(p.key == "optim.epochs" for p in spec.space):
+            epochs = max(int(v) for v in spec.param("optim.epochs").candidates())
+        scheduler = ASHAScheduler(time_attr="epoch", grace_period=spec.asha.grace_period,
+                                  reduction_factor=spec.asha.reduction_factor, max_t=epochs)
+    return search, scheduler, tune_kw
+
+
+def run_tune(spec: TuneSpec, num_samples: int, exp_dir: str | os.PathLike, *, resume: bool = False) -> dict:
+    """Run the sweep ``open_experiment`` planned (or resume it) on the connected Ray; returns
+    the summary that ``DIR/trials.json`` holds."""
+    exp_dir = Path(exp_dir)
+    if resume and not tune.Tuner.can_restore(str(exp_dir)):
+        raise UserError(f"{exp_dir}: no Ray Tune state to resume from (the experiment never started a trial)")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    _prepare(spec, exp_dir)
+    if not resume:
+        atomic_write_text(exp_dir / SPEC_FILE, json.dumps({"num_samples": num_samples, "spec": spec.to_json()},
+                                                          indent=2) + "\n")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec.to_json(), exp_dir=str(exp_dir)),
+        # The trial only drives: its Train workers and actors request their own CPUs. (A bundle
+        # of 0 CPU is refused by Tune, and a whole CPU would idle while the workers wait for it.)
+        {"cpu": TRIAL_CPU})
+    if resume:
+        print(f"[tune] resuming {exp_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        search, scheduler, tune_kw = _searcher_and_scheduler(spec)
+        print(f"[tune] {num_samples} trials of {spec.base_config['name']} ({spec.objective}), at most "
+              f"{spec.max_concurrent} at a time -> {exp_dir}", flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=spec.max_concurrent,
+                                        trial_dirname_creator=_trial_dirname, **tune_kw),
+            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), verbose=0,
+                                      callbacks=[TuneOutputs(spec.to_json(), str(exp_dir), num_samples)],
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    tuner.fit()
+    return json.loads((exp_dir / "trials.json").read_text())
