@@ -144,8 +144,12 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     ensure_ray(a.address, num_cpus=a.num_cpus)
     s = run_tune(spec, n, out, resume=a.resume is not None)
     counts = ", ".join(f"{c} {k.lower()}" for k, c in sorted(s["counts"].items()))
-    pick = (f"best: {s['best']} -> {out / 'best.yaml'}" if s["objective"] == "cross" and s["best"]
-            else f"Pareto front: {', '.join(s['pareto']) or 'empty'} -> {out / 'pareto'}/")
+    if s["objective"] == "pareto":
+        pick = f"Pareto front: {', '.join(s['pareto']) or 'empty'} -> {out / 'pareto'}/"
+    elif s["best"]:
+        pick = f"best: {s['best']} -> {out / 'best.yaml'}"
+    else:
+        pick = f"no complete trial reached self_new >= {s['self_new_floor']:g} (no best.yaml)"
     print(f"done: {len(s['trials'])} trials ({counts}); {pick}; report {out / 'tune.md'}")
     return 0
 

@@ -140,8 +140,13 @@ class TuneOutputs(tune.Callback):
         self._last = ""
         self._plotted: list[str] | None = None
 
+    def _spec(self) -> TuneSpec:
+        if getattr(self, "_parsed", None) is None:
+            self._parsed = TuneSpec.from_json(self.spec)
+        return self._parsed
+
     def _records(self, trials: list) -> list[TrialRecord]:
-        s = TuneSpec.from_json(self.spec)
+        s = self._spec()
         out = []
         for t in trials:
             r = t.last_result or {}
@@ -164,7 +169,7 @@ class TuneOutputs(tune.Callback):
         before = {x[0]: x[1] for x in json.loads(self._last)[:-1]} if self._last else {}
         self._last = key
         complete = sorted(r.trial_id for r in recs if r.complete)
-        write_outputs(TuneSpec.from_json(self.spec), recs, self.exp_dir, num_samples=self.num_samples, done=done,
+        write_outputs(self._spec(), recs, self.exp_dir, num_samples=self.num_samples, done=done,
                       plot=complete != self._plotted or done)
         self._plotted = complete
         for r in recs:
