@@ -139,7 +139,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         sums = torch.zeros(4, dtype=torch.float64)  # loss, head, compat, images
         t0 = time.perf_counter()
         n_steps = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True, device=device):
+        # Seeded per (seed, epoch, rank): every epoch a new order, and a rerun the same one.
+        shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer,
+                   "local_shuffle_seed": (cfg.seed * 100_003 + epoch) * 1_009 + rank} if cfg.data.shuffle_buffer > 0 else {}
+        for batch in shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True, device=device,
+                                              **shuffle):
             if n_steps >= steps_per_epoch:
                 break  # equal step counts on every rank, or DDP would wait forever
             lr = poly_lr(cfg.effective_lr, step, total_steps, cfg.optim.poly_power, warmup)
@@ -269,6 +273,16 @@ class _ProgressTail:
         self.flush()
 
 
+def _ingest_config() -> "ray.train.DataConfig":
+    """Rows in a reproducible order: the seeded block order and shuffle buffer then give the
+    same batches on a rerun (and after a restart), which a slow decode task can't reorder."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return ray.train.DataConfig(execution_options={"train": opts})
+
+
 def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str) -> Path:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -287,6 +301,7 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        dataset_config=_ingest_config(),
     )
     try:
         with _ProgressTail(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs):
@@ -396,7 +411,8 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
     if steps_per_epoch < 1:
         raise UserError(f"{train_dir}: {rows} rows are fewer than one global batch of {cfg.global_batch}")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch line says enough
-    dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip, cache_bytes=cfg.data.cache_bytes)
+    dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip, cache_bytes=cfg.data.cache_bytes,
+                               seed=cfg.seed)
 
     checkpoint = Path(resume_from) if resume_from else None
     for first, end, refine in plan_phases(start_epoch, cfg.optim.epochs, cfg.compat.refine_epochs, method):
