@@ -2,7 +2,7 @@
 
 Each actor holds a contiguous slice of the gallery and its own index (one thread: on a
 2-core box two single-threaded processes beat FAISS's own threading). Actors are placed with
-the SPREAD strategy, so on a cluster the shards land on different nodes and memory per node
+a SPREAD placement group, so on a cluster the shards land on different nodes and memory per node
 is gallery/shards. The merge (``unibct_ray.metrics.knn.merge_topk``) is exact, ties included,
 so a flat index over K shards returns exactly what one flat index returns.
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
+from unibct_ray.distributed.runtime import spread_placement
 from unibct_ray.errors import JobFailedError
 from unibct_ray.metrics.knn import FaissKNN, merge_topk
 
@@ -83,37 +84,39 @@ class RayShardedKNN:
         self.recoveries = 0
 
         def start(i: int) -> ray.ObjectRef:
-            actors[i] = FaissShardActor.options(scheduling_strategy="SPREAD").remote()
+            actors[i] = FaissShardActor.options(scheduling_strategy=strategies[i]).remote()
             loads[i] = actors[i].load.remote(slices[i])  # one caller's calls run in order: load, then search
             return actors[i].search.remote(q_ref, k, self.index, self.nlist, self.nprobe, self.M)
 
-        pending = {start(i): i for i in range(self.shards)}
-        parts: list = [None] * self.shards
-        try:
-            while pending:
-                [ready], _ = ray.wait(list(pending), num_returns=1)
-                i = pending.pop(ready)
-                try:
-                    parts[i] = ray.get(ready)
-                    continue
-                except ray.exceptions.RayActorError as e:
-                    error = e
-                try:
-                    ray.get(loads[i])  # the load died with the actor too; retrieve its error here
-                except ray.exceptions.RayError:
-                    pass
-                losses[i] += 1
-                if losses[i] > self.retries:
-                    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-                    raise JobFailedError(
-                        f"gallery shard {i + 1}/{self.shards} (rows {bounds[i]}..{bounds[i + 1] - 1}) lost its Ray "
-                        f"actor {losses[i]} times; no search runs on a partial gallery ({first})") from error
-                ray.kill(actors[i])
-                self.recoveries += 1
-                pending[start(i)] = i
-            self.placement = ray.get([a.node_id.remote() for a in actors])
-        finally:
-            for a in actors:
-                if a is not None:
-                    ray.kill(a)
-        return merge_topk(parts, k, offsets=bounds[:-1].tolist())
+        # The group's removal on leaving also ends any actor still in it.
+        with spread_placement(self.shards) as strategies:
+            pending = {start(i): i for i in range(self.shards)}
+            parts: list = [None] * self.shards
+            try:
+                while pending:
+                    [ready], _ = ray.wait(list(pending), num_returns=1)
+                    i = pending.pop(ready)
+                    try:
+                        parts[i] = ray.get(ready)
+                        continue
+                    except ray.exceptions.RayActorError as e:
+                        error = e
+                    try:
+                        ray.get(loads[i])  # the load died with the actor too; retrieve its error here
+                    except ray.exceptions.RayError:
+                        pass
+                    losses[i] += 1
+                    if losses[i] > self.retries:
+                        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+                        raise JobFailedError(
+                            f"gallery shard {i + 1}/{self.shards} (rows {bounds[i]}..{bounds[i + 1] - 1}) lost its Ray "
+                            f"actor {losses[i]} times; no search runs on a partial gallery ({first})") from error
+                    ray.kill(actors[i])
+                    self.recoveries += 1
+                    pending[start(i)] = i
+                self.placement = ray.get([a.node_id.remote() for a in actors])
+            finally:
+                for a in actors:
+                    if a is not None:
+                        ray.kill(a)
+            return merge_topk(parts, k, offsets=bounds[:-1].tolist())

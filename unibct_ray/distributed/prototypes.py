@@ -4,7 +4,7 @@ Classes are independent (ARCHITECTURE §5), so the classes are cut into contiguo
 about equal cost (sum of n_c^2 d + n_c^3 per range) and each range goes to one actor. An actor
 reads only the rows of its range (feature shards are in class order, so Parquet row-group
 statistics skip the rest), solves its classes in size-batched solves and returns [c1-c0, d].
-The actors are placed with the SPREAD strategy, so on a cluster the ranges are solved on
+The actors are placed in a SPREAD placement group, so on a cluster the ranges are solved on
 different nodes.
 Peak memory per actor: its rows of old + new features, 2 * rows * d * 4 bytes, plus the
 batched solve (see ``unibct_ray.compat.prototypes``); no process holds the whole matrix.
@@ -23,6 +23,7 @@ import ray
 from unibct_ray.compat.prototypes import balanced_class_ranges
 from unibct_ray.data.shards import read_columns, read_manifest
 from unibct_ray.distributed.data import FEATURE_COLUMN, OLD_FEATURE_COLUMN, feature_matrix
+from unibct_ray.distributed.runtime import spread_placement
 
 __all__ = ["RefineParams", "refine_distributed", "class_means_from_shards",
            "build_prototypes"]
@@ -71,9 +72,9 @@ class RefineActor:
         return self.refine_arrays(old, new, ol, c0, c1, params)
 
 
-def _spawn_actors(n: int) -> list:
-    """``n`` refinement actors spread over the cluster's nodes."""
-    return [RefineActor.options(scheduling_strategy="SPREAD").remote() for _ in range(n)]
+def _spawn_actors(strategies: list) -> list:
+    """One refinement actor per placement bundle (``spread_placement``: spread over nodes)."""
+    return [RefineActor.options(scheduling_strategy=s).remote() for s in strategies]
 
 
 def _gather(refs: list, ranges: list[tuple[int, int]], num_classes: int, d: int) -> np.ndarray:
@@ -111,14 +112,15 @@ def refine_distributed(old: np.ndarray, new: np.ndarray, labels: np.ndarray, num
     counts = np.bincount(labels, minlength=num_classes)
     ranges = balanced_class_ranges(counts, workers, old.shape[1])
     starts = np.r_[0, np.cumsum(counts)]
-    actors = _spawn_actors(min(workers, len(ranges)))
-    if placement is not None:
-        placement.extend(ray.get([a.node_id.remote() for a in actors]))
-    refs = []
-    for i, (c0, c1) in enumerate(ranges):
-        a, b = starts[c0], starts[c1]
-        refs.append(actors[i % len(actors)].refine_arrays.remote(old[a:b], new[a:b], labels[a:b], c0, c1, params))
-    return _gather(refs, ranges, num_classes, old.shape[1])
+    with spread_placement(min(workers, len(ranges))) as strategies:
+        actors = _spawn_actors(strategies)
+        if placement is not None:
+            placement.extend(ray.get([a.node_id.remote() for a in actors]))
+        refs = []
+        for i, (c0, c1) in enumerate(ranges):
+            a, b = starts[c0], starts[c1]
+            refs.append(actors[i % len(actors)].refine_arrays.remote(old[a:b], new[a:b], labels[a:b], c0, c1, params))
+        return _gather(refs, ranges, num_classes, old.shape[1])
 
 
 def class_means_from_shards(path: str | os.PathLike, column: str, num_classes: int) -> np.ndarray:
@@ -177,11 +179,12 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
         counts = np.bincount(labels, minlength=num_classes)
         ranges = balanced_class_ranges(counts, max(1, cfg.refine_actors), cfg.model.embedding_size)
         params = RefineParams(cfg.compat.lam, cfg.compat.temperature, cfg.compat.axis, True)
-        actors = _spawn_actors(min(cfg.refine_actors, len(ranges)))
-        print(f"[{cfg.name}] epoch {epoch}: refining {num_classes} prototypes on {len(actors)} actors", flush=True)
-        refs = [actors[i % len(actors)].refine_shards.remote(str(train_dir), str(new_dir), c0, c1, params)
-                for i, (c0, c1) in enumerate(ranges)]
-        protos = _gather(refs, ranges, num_classes, cfg.model.embedding_size)
+        with spread_placement(min(cfg.refine_actors, len(ranges))) as strategies:
+            actors = _spawn_actors(strategies)
+            print(f"[{cfg.name}] epoch {epoch}: refining {num_classes} prototypes on {len(actors)} actors", flush=True)
+            refs = [actors[i % len(actors)].refine_shards.remote(str(train_dir), str(new_dir), c0, c1, params)
+                    for i, (c0, c1) in enumerate(ranges)]
+            protos = _gather(refs, ranges, num_classes, cfg.model.embedding_size)
     tmp = out.with_name(f".{out.name}.tmp.npy")
     np.save(tmp, np.asarray(protos, np.float32))
     os.replace(tmp, out)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import ray
 
 from unibct_ray.errors import UserError
 
-__all__ = ["ensure_ray", "quiet_ray_data_console", "unwrap_task_error", "run_tasks"]
+__all__ = ["ensure_ray", "quiet_ray_data_console", "unwrap_task_error", "run_tasks", "spread_placement"]
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -91,3 +92,23 @@ def run_tasks(jobs: Sequence[tuple[Hashable, int, Callable[[], Any]]], *, desc: 
     finally:
         bar.close()
     return results
+
+
+@contextlib.contextmanager
+def spread_placement(n: int, cpus: float = 1.0) -> Iterator[list[Any]]:
+    """``n`` scheduling strategies, one per bundle of a SPREAD placement group.
+
+    The group places its bundles on distinct nodes as far as resources allow, decided at once
+    (a per-actor ``scheduling_strategy="SPREAD"`` is a per-request heuristic that was seen to
+    stack two actors on one node of two); on one machine every bundle lands there. Leaving
+    the block removes the group, which ends the actors placed in it.
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"CPU": cpus}] * n, strategy="SPREAD")
+    try:
+        yield [PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i) for i in range(n)]
+    finally:
+        remove_placement_group(pg)
+
