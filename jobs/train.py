@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from unibct_ray.jobs import SMOKE_SUFFIX, job_parser, run_cli_steps, run_job
+from unibct_ray.jobs import SMOKE_SUFFIX, job_parser, overrides, run_cli_steps, run_job
 
 PROG = "jobs/train.py"
 SMOKE_BATCHES = 4  # global batches in the smoke test's data subset (= steps per epoch)
@@ -37,16 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, help="run directory to continue (not with --smoke-test)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (no --address)")
     return p
-
-
-def overrides(a: argparse.Namespace) -> list[str]:
-    """The ``--set`` overrides the flags stand for, in the order they apply (later wins)."""
-    sets = list(a.set)
-    if a.num_workers is not None:
-        sets.append(f"num_workers={a.num_workers}")
-    if a.use_gpu is not None:
-        sets.append(f"use_gpu={'true' if a.use_gpu else 'false'}")
-    return sets
 
 
 def cli_argv(a: argparse.Namespace, smoke_sets: Sequence[str] = ()) -> list[str]:

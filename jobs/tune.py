@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from unibct_ray.jobs import SMOKE_SUFFIX, job_parser, run_cli_steps, run_job
+from unibct_ray.jobs import SMOKE_SUFFIX, job_parser, overrides, run_cli_steps, run_job
 
 PROG = "jobs/tune.py"
 SMOKE_BATCHES = 4   # global batches of data per smoke trial (= steps per epoch)
@@ -55,16 +55,6 @@ def load_job_config(path: str | Path):
     from unibct_ray.tuning import load_tune_spec
 
     return load_tune_spec(path)
-
-
-def overrides(a: argparse.Namespace) -> list[str]:
-    """The ``--set`` overrides the flags stand for, in the order they apply (later wins)."""
-    sets = list(a.set)
-    if a.num_workers is not None:
-        sets.append(f"num_workers={a.num_workers}")
-    if a.use_gpu is not None:
-        sets.append(f"use_gpu={'true' if a.use_gpu else 'false'}")
-    return sets
 
 
 def cli_argv(a: argparse.Namespace, config: Path | None = None, num_samples: int | None = None) -> list[str]:

@@ -20,7 +20,7 @@ import yaml
 
 from unibct_ray.errors import ConfigError, UserError
 
-__all__ = ["SMOKE_SUFFIX", "SCENARIOS", "job_parser", "run_job", "run_cli_steps", "PrepareConfig",
+__all__ = ["SMOKE_SUFFIX", "SCENARIOS", "job_parser", "overrides", "run_job", "run_cli_steps", "PrepareConfig",
            "load_prepare_config"]
 
 SMOKE_SUFFIX = "-smoke"
@@ -58,6 +58,16 @@ def job_parser(prog: str, description: str, *, config: str, num_workers: str, us
     g.add_argument("--smoke-test", action="store_true", help=smoke_test)
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
+
+
+def overrides(a: argparse.Namespace) -> list[str]:
+    """A train-config job's ``--set`` list, then ``--num-workers``/``--use-gpu`` as overrides (later wins)."""
+    sets = list(a.set)
+    if a.num_workers is not None:
+        sets.append(f"num_workers={a.num_workers}")
+    if a.use_gpu is not None:
+        sets.append(f"use_gpu={'true' if a.use_gpu else 'false'}")
+    return sets
 
 
 def run_job(prog: str, debug: bool, body: Callable[[], int]) -> int:
