@@ -139,7 +139,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         sums = torch.zeros(4, dtype=torch.float64)  # loss, head, compat, images
         t0 = time.perf_counter()
         n_steps = 0
-        # Seeded per (seed, epoch, rank): every epoch a new order, and a rerun the same one.
+        # Seeded per (seed, epoch, rank): every epoch a new order.
         shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer,
                    "local_shuffle_seed": (cfg.seed * 100_003 + epoch) * 1_009 + rank} if cfg.data.shuffle_buffer > 0 else {}
         for batch in shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True, device=device,
@@ -274,8 +274,8 @@ class _ProgressTail:
 
 
 def _ingest_config() -> "ray.train.DataConfig":
-    """Rows in a reproducible order: the seeded block order and shuffle buffer then give the
-    same batches on a rerun (and after a restart), which a slow decode task can't reorder."""
+    """Rows in order: a slow decode task can't reorder the seeded block order. (Which blocks
+    reach which worker stays Ray Data's dynamic split: with a shuffle buffer, runs differ.)"""
     import ray.train
 
     opts = ray.train.DataConfig.default_ingest_options()
