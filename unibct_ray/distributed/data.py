@@ -49,12 +49,14 @@ def decode_batch(batch: pa.Table, image_size: int, flip: bool, source: str) -> d
 
 def training_dataset(path: str | os.PathLike, image_size: int, flip: bool = True,
                      decode_cpus: float = 1.0, batch_size: int = 256,
-                     cache_bytes: int = 2_000_000_000, seed: int | None = None) -> ray.data.Dataset:
+                     cache_bytes: int = 2_000_000_000, seed: int | None = None,
+                     shuffle_blocks: bool = True) -> ray.data.Dataset:
     """Shards -> decoded, normalised, randomly flipped training rows (decoding in Ray Data).
 
     Shard sets are written in class order, so blocks are read in a random order (``seed``)
     and the training loop shuffles rows within a buffer (``data.shuffle_buffer``); without
-    both, a batch would hold one or two classes.
+    both, a batch would hold one or two classes. ``shuffle_blocks=False`` keeps the stored
+    order (with no shuffle buffer: a reproducible run).
 
     A shard set smaller than ``cache_bytes`` is read once into the object store: every epoch
     is a new Ray Data execution, and re-listing and re-reading the files costs seconds per
@@ -65,7 +67,8 @@ def training_dataset(path: str | os.PathLike, image_size: int, flip: bool = True
     ds = read_shard_set(path)
     if sum(s.bytes for s in m.shards) <= cache_bytes:
         ds = ds.materialize()
-    ds = ds.randomize_block_order(seed=seed)
+    if shuffle_blocks:
+        ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         decode_batch,
         batch_format="pyarrow",

@@ -412,7 +412,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
         raise UserError(f"{train_dir}: {rows} rows are fewer than one global batch of {cfg.global_batch}")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch line says enough
     dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip, cache_bytes=cfg.data.cache_bytes,
-                               seed=cfg.seed)
+                               seed=cfg.seed, shuffle_blocks=cfg.data.shuffle_buffer > 0)
 
     checkpoint = Path(resume_from) if resume_from else None
     for first, end, refine in plan_phases(start_epoch, cfg.optim.epochs, cfg.compat.refine_epochs, method):
