@@ -23,6 +23,19 @@ def test_roundtrip_and_overrides(tmp_path):
     assert from_dict({}) == TrainConfig()
 
 
+def test_exponent_numbers_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 5e-4 as a string; configs, --set and prepare files must not.
+    from unibct_ray.jobs import load_prepare_config
+
+    p = write(tmp_path, "optim:\n  weight_decay: 5e-4\n  lr: 1E-1\n")
+    cfg = load_config(p, ["optim.momentum=9e-1", "head.margin=+3e-1"])
+    assert (cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.momentum, cfg.head.margin) == (5e-4, 0.1, 0.9, 0.3)
+    assert load_config(p, ["name=1e3x"]).name == "1e3x"  # not a number: stays a string
+    prep = tmp_path / "prepare.yaml"
+    prep.write_text("rec: a.rec\nout: o\nratio: 3e-1\n")
+    assert load_prepare_config(prep).ratio == 0.3
+
+
 @pytest.mark.parametrize("text,needle", [
     ("optim:\n  lrr: 0.1\n", "optim.lrr: unknown key"),
     ("optim:\n  lr: fast\n", "optim.lr: expected a number, got 'fast'"),

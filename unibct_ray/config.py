@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -236,6 +237,36 @@ def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 rules read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 numbers; every config, tune file and ``--set`` uses it."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping is a
+    ``ConfigError`` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} not found")
+    try:
+        data = yaml_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p.name}: expected a mapping at the top level")
+    return data
+
+
 def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") -> dict:
     """Apply ``key.sub=value`` strings (values parsed as YAML scalars/lists) to a copy of ``data``."""
     import copy
@@ -246,7 +277,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") 
             raise ConfigError(f"{where}: {item!r}: expected KEY=VALUE, e.g. optim.lr=0.05")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: {key}: cannot parse value {raw!r} ({e})") from None
         _set_dotted(out, key.strip(), value, where)
@@ -256,11 +287,6 @@ def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config, apply ``--set`` overrides, and validate strictly."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml_mapping(p)
     where = p.name if not overrides else f"{p.name} (with --set)"
     return from_dict(apply_overrides(data, overrides), where)

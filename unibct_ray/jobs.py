@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import yaml
-
+from unibct_ray.config import read_yaml_mapping
 from unibct_ray.errors import ConfigError, UserError
 
 __all__ = ["SMOKE_SUFFIX", "SCENARIOS", "job_parser", "overrides", "run_job", "run_cli_steps", "PrepareConfig",
@@ -126,14 +125,7 @@ class PrepareConfig:
 def load_prepare_config(path: str | Path) -> PrepareConfig:
     """Read a prepare YAML strictly: unknown keys and wrong types name the file and the key."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p.name}: expected a mapping at the top level")
+    data = read_yaml_mapping(p)
     fields = {f.name: f for f in dataclasses.fields(PrepareConfig)}
     kinds = {"rec": (str, "a string"), "out": (str, "a string"), "ratio": ((int, float), "a number"),
              "rows_per_shard": (int, "an integer"), "verify": (str, "a string")}

@@ -37,14 +37,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-from unibct_ray.config import TrainConfig, apply_overrides, from_dict, load_config, to_dict
+from unibct_ray.config import TrainConfig, apply_overrides, from_dict, load_config, read_yaml_mapping, to_dict
 from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import ConfigError
 
@@ -59,16 +58,6 @@ _FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 _FIXED_KEYS = ("name", "storage", "data.train", "compat.old_checkpoint")
 _TOP_KEYS = ("name", "storage", "base", "overrides", "old_checkpoint", "validation", "far",
              "self_new_floor", "objective", "max_concurrent", "seed", "eval_actors", "asha", "space")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
 
 
 def _json_value(v: Any) -> str:
@@ -227,16 +216,7 @@ def _absolute(path: str) -> str:
 
 def read_tune_file(path: str | os.PathLike) -> dict:
     """A tune file's raw mapping (YAML 1.2 numbers: ``far: 1e-3`` is a float)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: tune file not found")
-    try:
-        data = yaml.load(p.read_text(), Loader=_Loader) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p.name}: expected a mapping at the top level")
-    return data
+    return read_yaml_mapping(path, "tune file")
 
 
 def load_tune_spec(path: str | os.PathLike, *, objective: str | None = None,
