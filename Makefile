@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The whole suite, slow end-to-end tests included (CI runs this).
 test: venv
-	RAY_USAGE_STATS_ENABLED=0 RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -x -q
+	RAY_USAGE_STATS_ENABLED=0 RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -x -q --durations=15
 
 # Everything but the tests marked slow.
 test-fast: venv

@@ -133,6 +133,32 @@ def gallery_and_queries(seed: int = 0):
     return gallery, queries
 
 
+def test_shard_actor_keeps_a_built_index(ray_session):
+    import ray
+
+    from unibct_ray.distributed.knn import FaissShardActor
+    from unibct_ray.metrics.knn import brute_force_knn
+
+    rng = np.random.default_rng(3)
+    gallery = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    a = FaissShardActor.remote()
+    try:
+        ray.get(a.load.remote(gallery))
+        ray.get(a.build.remote("flat", 1024, 32, 32))
+        s1, i1 = ray.get(a.search.remote(queries, 7, "flat", 1024, 32, 32))  # the kept index
+        s2, i2 = ray.get(a.search.remote(queries, 7, "ivf", 4, 1, 32))  # other parameters: built anew
+        ray.get(a.load.remote(gallery[:100]))  # a new gallery drops the kept index
+        s3, i3 = ray.get(a.search.remote(queries, 7, "flat", 1024, 32, 32))
+    finally:
+        ray.kill(a)
+    bs, bi = brute_force_knn(gallery, queries, 7)
+    np.testing.assert_array_equal(i1, bi)
+    np.testing.assert_allclose(s1, bs, rtol=1e-5, atol=1e-5)
+    assert np.mean(i2 == bi) < 0.9  # 1 of 4 IVF lists probed: approximate, not the kept exact index
+    np.testing.assert_array_equal(i3, brute_force_knn(gallery[:100], queries, 7)[1])
+
+
 def test_shard_actor_killed_is_replaced(ray_session):
     from unibct_ray.distributed.knn import RayShardedKNN
     from unibct_ray.metrics.knn import brute_force_knn

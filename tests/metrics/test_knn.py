@@ -86,6 +86,20 @@ def test_faiss_flat_equals_brute_force(k):
     np.testing.assert_allclose(fs, bs, rtol=1e-5, atol=1e-5)
 
 
+def test_faiss_index_kept_between_searches_equals_brute_force():
+    import faiss
+
+    gal, qry = tied_data(2, g=40, q=30)
+    knn = faiss_knn("flat")
+    gal = np.ascontiguousarray(gal, np.float32)
+    index = knn._build(faiss, gal)
+    for k in (5, 40):  # the same index twice, ties at the boundary included
+        fs, fi = knn.search_built(index, gal, qry, k)
+        bs, bi = brute_force_knn(gal, qry, k)
+        np.testing.assert_array_equal(fi, bi)
+        np.testing.assert_array_equal(fs, bs)
+
+
 def test_faiss_approximate_backends_recall():
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((20, 32))

@@ -182,22 +182,30 @@ class FaissKNN:
         if g == 0 or q == 0:
             return _empty_result(q, int(k))
         gal = np.ascontiguousarray(gallery, np.float32)
-        qry = np.ascontiguousarray(queries, np.float32)
         old_threads = faiss.omp_get_max_threads()
         if self.threads is not None:
             faiss.omp_set_num_threads(int(self.threads))
         try:
-            index = self._build(faiss, gal)
-            kk = min(int(k), g)
-            if self.index == "hnsw":
-                index.hnsw.efSearch = max(self.ef_search, kk)
-            # One extra neighbour tells whether the k-th place is tied with something
-            # outside the list; FAISS does not document which tied item it keeps.
-            extra = 1 if (self.index == "flat" and kk < g) else 0
-            dist, lab = index.search(qry, kk + extra)
+            return self.search_built(self._build(faiss, gal), gal, queries, k)
         finally:
             if self.threads is not None:
                 faiss.omp_set_num_threads(old_threads)
+
+    def search_built(self, index: object, gallery: np.ndarray, queries: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Search an index ``_build`` made on ``gallery`` (float32, C order) - a caller that
+        keeps the index between searches; same result as calling this object."""
+        q, g = queries.shape[0], gallery.shape[0]
+        if g == 0 or q == 0:
+            return _empty_result(q, int(k))
+        qry = np.ascontiguousarray(queries, np.float32)
+        kk = min(int(k), g)
+        if self.index == "hnsw":
+            index.hnsw.efSearch = max(self.ef_search, kk)
+        # One extra neighbour tells whether the k-th place is tied with something
+        # outside the list; FAISS does not document which tied item it keeps.
+        extra = 1 if (self.index == "flat" and kk < g) else 0
+        dist, lab = index.search(qry, kk + extra)
         dist = dist.astype(np.float32, copy=False)
         lab = lab.astype(np.int64, copy=False)
         dist[lab < 0] = -np.inf
@@ -205,7 +213,7 @@ class FaissKNN:
             tied = np.flatnonzero(dist[:, kk] == dist[:, kk - 1])
             dist, lab = dist[:, :kk].copy(), lab[:, :kk].copy()
             if tied.size:  # exact numpy answer for the rows with a tie at the boundary
-                s, i = topk(qry[tied] @ gal.T, kk)
+                s, i = topk(qry[tied] @ gallery.T, kk)
                 dist[tied], lab[tied] = s, i
         dist, lab = _sort_rows(dist, lab)
         if kk < k:
