@@ -193,7 +193,7 @@ def bench_search(gallery_size: int, queries: int, dim: int, k: int, shards: int,
     sharded = time.perf_counter() - t
     # search only: the index built / the shards loaded beforehand
     knn = FaissKNN(index="flat")
-    index = knn._build(faiss, gal)
+    index = knn.build(gal)
     t = time.perf_counter()
     s3, i3 = knn.search_built(index, gal, q, k)
     one_search = time.perf_counter() - t

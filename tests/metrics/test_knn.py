@@ -87,12 +87,10 @@ def test_faiss_flat_equals_brute_force(k):
 
 
 def test_faiss_index_kept_between_searches_equals_brute_force():
-    import faiss
-
     gal, qry = tied_data(2, g=40, q=30)
     knn = faiss_knn("flat")
     gal = np.ascontiguousarray(gal, np.float32)
-    index = knn._build(faiss, gal)
+    index = knn.build(gal)
     for k in (5, 40):  # the same index twice, ties at the boundary included
         fs, fi = knn.search_built(index, gal, qry, k)
         bs, bi = brute_force_knn(gal, qry, k)

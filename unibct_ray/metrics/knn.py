@@ -172,6 +172,12 @@ class FaissKNN:
         index.add(gal)
         return index
 
+    def build(self, gallery: np.ndarray) -> object:
+        """This backend's FAISS index over ``gallery`` (float32, C order), for ``search_built``."""
+        import faiss
+
+        return self._build(faiss, gallery)
+
     def __call__(
         self, gallery: np.ndarray, queries: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +199,7 @@ class FaissKNN:
 
     def search_built(self, index: object, gallery: np.ndarray, queries: np.ndarray, k: int
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Search an index ``_build`` made on ``gallery`` (float32, C order) - a caller that
+        """Search an index ``build`` made on ``gallery`` (float32, C order) - a caller that
         keeps the index between searches; same result as calling this object."""
         q, g = queries.shape[0], gallery.shape[0]
         if g == 0 or q == 0:
