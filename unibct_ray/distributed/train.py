@@ -273,14 +273,19 @@ class _ProgressTail:
         self.flush()
 
 
-def _ingest_config() -> "ray.train.DataConfig":
-    """Rows in order: a slow decode task can't reorder the seeded block order. (Which blocks
-    reach which worker stays Ray Data's dynamic split: with a shuffle buffer, runs differ.)"""
+def _ingest_config(reproducible: bool) -> "ray.train.DataConfig":
+    """Rows in order: a slow decode task can't reorder the seeded block order.
+
+    Which blocks reach which worker is Ray Data's split. With shard locality on, the splitter
+    holds blocks back and hands each worker one whose object-store location matches its node;
+    locations are looked up as blocks arrive, so on a cluster the assignment depends on where
+    and when blocks land. A ``reproducible`` run (no shuffle buffer) turns locality off: blocks
+    then go, in order, to the worker with the fewest rows so far - the same every run."""
     import ray.train
 
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = True
-    return ray.train.DataConfig(execution_options={"train": opts})
+    return ray.train.DataConfig(execution_options={"train": opts}, enable_shard_locality=not reproducible)
 
 
 def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str) -> Path:
@@ -301,7 +306,7 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
-        dataset_config=_ingest_config(),
+        dataset_config=_ingest_config(cfg.data.shuffle_buffer == 0),
     )
     try:
         with _ProgressTail(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs):
