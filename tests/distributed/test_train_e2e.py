@@ -102,15 +102,24 @@ def test_new_model_methods(workspace, method, extra):
         np.testing.assert_allclose(protos[:8], old_n[:8], atol=1e-5)
 
 
+def drop_checkpoints_after(run: Path, epoch: int) -> None:
+    """Cut a run's checkpoints back to ``epoch``, as if the job had died after it: later
+    checkpoints, ``final.pt`` and the storage of phases left without a checkpoint go."""
+    for meta in list(run.rglob("meta.json")):
+        if json.loads(meta.read_text())["epoch"] > epoch:
+            shutil.rmtree(meta.parent)
+    for phase in run.glob("epochs-*"):
+        if not any(phase.rglob("meta.json")):
+            shutil.rmtree(phase)
+    (run / "final.pt").unlink()
+
+
 def test_resume_after_interruption(workspace):
     run = workspace / "runs" / "new-independent"  # finished by the test above
     cfg = cfg_for(workspace, "new-independent", "new")
     # drop the last epoch's checkpoint, as if the job died during epoch 3
-    metas = [m for m in run.rglob("meta.json") if json.loads(m.read_text())["epoch"] == 3]
-    assert metas
-    for meta in metas:
-        shutil.rmtree(meta.parent)
-    (run / "final.pt").unlink()
+    assert any(json.loads(m.read_text())["epoch"] == 3 for m in run.rglob("meta.json"))
+    drop_checkpoints_after(run, 2)
     res = train(cfg, resume=run)
     assert load_checkpoint(res.checkpoint)["epoch"] == 3
     epochs = [r["epoch"] for r in read_metrics(run)]
@@ -182,14 +191,8 @@ def test_worker_killed_mid_epoch_resumes_to_the_same_model(workspace, monkeypatc
     # the reference: the same run cut back to its epoch-1 state, resumed with the plain loop
     ref_run = workspace / "runs" / "new-unibct-killed-ref"
     shutil.copytree(run, ref_run)
-    for later in ("final.pt", "worker-killed"):
-        (ref_run / later).unlink()
-    for meta in list(ref_run.rglob("meta.json")):
-        if json.loads(meta.read_text())["epoch"] > 1:
-            shutil.rmtree(meta.parent)
-    for phase in ref_run.glob("epochs-*"):
-        if not any(phase.rglob("meta.json")):
-            shutil.rmtree(phase)  # the second phase's storage, as if it had never started
+    (ref_run / "worker-killed").unlink()
+    drop_checkpoints_after(ref_run, 1)  # the second phase's storage goes too
     with open(ref_run / "metrics.csv") as f:
         lines = f.readlines()
     (ref_run / "metrics.csv").write_text("".join(lines[:2]))  # header + epoch 1
