@@ -117,6 +117,40 @@ def test_backends_and_paths_agree(data, evaluated):
                 assert rep[section][t] == pytest.approx(ref[section][t], abs=2e-3), (kwargs, section, t)
 
 
+def test_shared_grid_with_odd_galleries(data):
+    """The shared grid orders its rows [G1 | G2 | other enrolment templates]: galleries that
+    overlap, enrolment templates in no gallery and a probe subset must give what the
+    separate pair-score + brute-force-kNN path gives."""
+    import dataclasses
+
+    from unibct_ray.data.ijbc import TemplateSubjects
+
+    meta, old, new = data
+    g1, g2, pr = meta.gallery1, meta.gallery2, meta.probes
+    keep1 = np.arange(len(g1)) % 3 != 0                       # a third of G1 in no gallery
+    shared = np.r_[g2.templates, g1.templates[:2]]            # two G1 templates also in G2
+    order = np.argsort(shared)
+    odd = dataclasses.replace(
+        meta,
+        gallery1=TemplateSubjects(g1.templates[keep1], g1.subjects[keep1]),
+        gallery2=TemplateSubjects(shared[order], np.r_[g2.subjects, g1.subjects[:2]][order]),
+        probes=TemplateSubjects(pr.templates[::2], pr.subjects[::2]),  # every other probe
+    )
+    ref, _ = evaluate_features(odd, old, new, reuse_scores=False)
+    assert ref["protocol"]["score_grid_shared"] is False
+    got, c2 = evaluate_features(odd, old, new)
+    assert got["protocol"]["score_grid_shared"] is True
+    for t in TESTS:
+        for section in ("verification", "identification"):
+            assert got[section][t] == pytest.approx(ref[section][t], abs=1e-9), (section, t)
+    # The pair scores themselves against an independent dot product per pair.
+    _, enr = pool_templates(old, meta.templates, meta.medias, meta.scores)
+    ids, ver = pool_templates(new, meta.templates, meta.medias, meta.scores)
+    a, b = np.searchsorted(ids, meta.pairs[:, 0]), np.searchsorted(ids, meta.pairs[:, 1])
+    np.testing.assert_allclose(c2.pair_scores["cross"], np.einsum("ij,ij->i", enr[a], ver[b]),
+                               atol=1e-5)
+
+
 def test_flip_tuple_equals_precomputed_sum(data, evaluated):
     meta, old, new = data
     rng = np.random.default_rng(0)

@@ -72,16 +72,29 @@ def test_pool_matches_loop(data):
 
 
 def test_pool_chunk_boundaries_and_grouped_order(data, monkeypatch):
+    """float16 storage is widened chunk by chunk: templates straddling chunks, images in
+    any order (gathered chunks) and grouped by template (sliced chunks)."""
     emb, flip, scores, templates, medias = data
-    feats = image_features(emb, flip, scores)
+    feats = image_features(emb, flip, scores).astype(np.float16)
     ref_ids, ref = loop_pool(feats, templates, medias)
     monkeypatch.setattr(tm, "_POOL_CHUNK_ROWS", 7)  # templates straddle many chunks
     ids, pooled = pool_templates(feats, templates, medias)
+    assert pooled.dtype == np.float32
     np.testing.assert_allclose(pooled, ref, atol=2e-6)
     order = np.lexsort((medias, templates))  # grouped file order takes the slice path
     ids2, pooled2 = pool_templates(feats[order], templates[order], medias[order])
     np.testing.assert_array_equal(ids2, ref_ids)
     np.testing.assert_allclose(pooled2, ref, atol=2e-6)
+
+
+def test_pool_float64_features(data):
+    emb, flip, scores, templates, medias = data
+    feats = image_features(emb, flip, scores).astype(np.float64)
+    ref_ids, ref = loop_pool(feats, templates, medias)
+    ids, pooled = pool_templates(feats, templates, medias)
+    np.testing.assert_array_equal(ids, ref_ids)
+    assert pooled.dtype == np.float32
+    np.testing.assert_allclose(pooled, ref, atol=2e-7)
 
 
 def test_image_weights_equal_scaled_features(data):

@@ -177,3 +177,46 @@ def test_roc_head_gives_the_same_tar(seed):
         np.testing.assert_array_equal(head.fpr, full.fpr[: head.fpr.size])
         np.testing.assert_array_equal(head.tpr, full.tpr[: head.tpr.size])
         assert tar_from_roc(head, fars) == tar_from_roc(full, fars)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_fast_roc_head_is_a_prefix_of_sklearns_curve(seed):
+    """roc_curve(max_fpr=f) keeps every point of sklearn's curve up to past FPR 2f and
+    nothing else, so TAR at FAR <= f is unchanged; heavy ties (mixed labels inside a tie,
+    long collinear runs) included, and a head that cannot be cut falls back to the whole
+    curve."""
+    rng = np.random.default_rng(300 + seed)
+    m = int(rng.integers(2000, 20000))
+    labels = (rng.random(m) < rng.uniform(0.002, 0.05)).astype(np.int8)
+    labels[:2] = (1, 0)
+    scores = rng.standard_normal(m) + 2.5 * labels
+    if seed % 3 == 1:
+        scores = np.round(scores, 1)  # big tie groups
+    if seed % 3 == 2:
+        scores = np.round(scores, 2)
+    scores = scores.astype(np.float32)
+    fpr, tpr, thr = sk_roc_curve(labels, scores)
+    for f in (1e-3, 1e-2, 0.05, 0.1):
+        head = roc_curve(scores, labels, max_fpr=f)
+        n = head.fpr.size
+        np.testing.assert_array_equal(head.fpr, fpr[:n])
+        np.testing.assert_array_equal(head.tpr, tpr[:n])
+        np.testing.assert_array_equal(head.thresholds, thr[:n])
+        assert head.fpr[-1] > 2 * f or n == fpr.size
+        assert head.n_impostor == (labels == 0).sum() and head.n_genuine == labels.sum()
+        fars = [x for x in (1e-4, 1e-3, 1e-2, 0.05, 0.1) if x <= f]
+        assert tar_from_roc(head, fars) == {rate_key(x): loop_tar(fpr, tpr, x) for x in fars}
+    # A head of half the impostors or more is not worth cutting: the whole curve comes back.
+    np.testing.assert_array_equal(roc_curve(scores, labels, max_fpr=0.3).fpr, fpr)
+    with pytest.raises(ValueError, match="beyond head_far"):
+        verify(scores, labels, (1e-3, 0.1), head_far=0.01)
+
+
+def test_fast_roc_head_is_much_shorter_at_scale():
+    rng = np.random.default_rng(7)
+    m = 200_000
+    labels = (rng.random(m) < 0.002).astype(np.int8)
+    scores = (rng.standard_normal(m) + 3 * labels).astype(np.float32)
+    head = roc_curve(scores, labels, max_fpr=0.01)
+    full = roc_curve(scores, labels)
+    assert 2 * 0.01 < head.fpr[-1] < 0.05 and full.fpr[-1] == 1.0  # cut just past FPR 0.02

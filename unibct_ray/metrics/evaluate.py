@@ -148,6 +148,7 @@ def evaluate_features(
     fpirs: Sequence[float] = FPIRS,
     roc_backend: Literal["fast", "sklearn"] = "fast",
     reuse_scores: bool = True,
+    full_roc: bool = False,
 ) -> tuple[dict[str, Any], EvalCurves]:
     """Run the IJB-C 1:1 and 1:N tests for one or two models and build the report.
 
@@ -165,6 +166,8 @@ def evaluate_features(
         use_score: weight image features by the detector score (``meta.scores``).
         roc_backend: "fast" (exact sklearn-equivalent) or "sklearn".
         reuse_scores: share one score grid between 1:1 and 1:N (brute force only).
+        full_roc: keep the whole ROC in the curves (default: the head up to FPR 2 x the
+            largest FAR, which gives the same TARs; the ROC plot then ends there).
 
     Returns:
         (report dict as in :func:`unibct_ray.metrics.report.build_report`, :class:`EvalCurves`).
@@ -244,38 +247,58 @@ def evaluate_features(
     )
     secs["resolve"] = time.perf_counter() - t2
 
-    ver: dict[str, VerificationResult] = {}
-    idr: dict[str, IdentificationResult] = {}
-    scores_by_test: dict[str, np.ndarray] = {}
-    crit: dict[str, float] = {}
+    # The shared grid, rows ordered [G1 | G2 | other enrolment templates]: each gallery's 1:N
+    # scores are then a row slice (a view) of it, and the 1:1 pairs index it through a_grid.
+    grid_parts: list[tuple[int, int]] = []
+    grid_rows = a_grid = None
+    if grid_ok and pidx is not None:
+        rest = np.setdiff1d(pidx.enrol_rows, np.concatenate(gal_rows))
+        grid_rows = np.concatenate([*gal_rows, rest])
+        lo = 0
+        for r in gal_rows:
+            grid_parts.append((lo, lo + r.size))
+            lo += r.size
+        if grid_rows.size * pidx.verif_rows.size > _MAX_GRID_ELEMS:
+            grid_ok = False
+        else:
+            # Every enrolment row occurs in grid_rows, so the unique rows are enrol_rows and
+            # first[i] is the grid row of enrol_rows[i] (a template in both galleries: G1's).
+            _, first = np.unique(grid_rows, return_index=True)
+            a_grid = first[pidx.a]
+    p_pos = np.searchsorted(pidx.verif_rows, probe_rows) if grid_ok and pidx is not None else None
+
     id_keys = metric_keys(ks, fpirs)
-    for test, e_name, v_name in tests:
+    # The report needs TAR at the FARs and the criterion only: the ROC is built up to twice
+    # the largest of them (FPR 0.2 by default) from the top ~20 % of the scores.
+    head_far = None if full_roc else max([*fars, criterion_far])
+
+    def run_test(test: str, e_name: str, v_name: str) -> dict[str, Any]:
+        """One of self_old / self_new / cross: 1:1 scores + ROC, then 1:N."""
+        r: dict[str, Any] = {"notes": [], "secs": {}}
         te = time.perf_counter()
         fe, fv = pooled[e_name], pooled[v_name]
+        sub: list[np.ndarray] = []
         if grid_ok and pidx is not None:
-            grid = fe[pidx.enrol_rows] @ fv[pidx.verif_rows].T  # [u1, u2] float32
-            scores = grid[pidx.a, pidx.b]
-            p_pos = np.searchsorted(pidx.verif_rows, probe_rows)
-            all_probes = p_pos.size == pidx.verif_rows.size  # (sorted, so p_pos = arange)
-            sub = [grid[np.searchsorted(pidx.enrol_rows, r)] for r in gal_rows]  # [g, u2]
-            if not all_probes:
+            grid = fe[grid_rows] @ fv[pidx.verif_rows].T  # [rows, u2] float32
+            scores = grid[a_grid, pidx.b]
+            sub = [grid[a:b] for a, b in grid_parts]  # views, [g, u2]
+            if p_pos.size != pidx.verif_rows.size:  # (sorted, so all probes means p_pos = arange)
                 sub = [x[:, p_pos] for x in sub]
             del grid
         elif pidx is not None:
             scores = pair_scores(template_ids, fe, fv, pairs, index=pidx)
         else:
             scores = np.zeros(0, np.float32)
-        secs[f"{test}/scores"] = time.perf_counter() - te
+        r["secs"]["scores"] = time.perf_counter() - te
         tv = time.perf_counter()
-        vr = verify(scores, labels, fars, backend=roc_backend)
-        ver[test] = vr
-        crit[test] = tar_from_roc(vr.roc, [criterion_far])[rate_key(criterion_far)]
-        notes.extend(f"verification/{test}: {x}" for x in vr.notes)
-        scores_by_test[test] = scores
-        secs[f"{test}/verification"] = time.perf_counter() - tv
+        vr = verify(scores, labels, fars, backend=roc_backend, head_far=head_far)
+        r["ver"], r["scores"] = vr, scores
+        r["crit"] = tar_from_roc(vr.roc, [criterion_far])[rate_key(criterion_far)]
+        r["notes"] += [f"verification/{test}: {x}" for x in vr.notes]
+        r["secs"]["verification"] = time.perf_counter() - tv
         ti = time.perf_counter()
         if has_1n:
-            galleries = [TemplateSet(g.templates, g.subjects, fe[r]) for g, r in zip(gal_lists, gal_rows)]
+            galleries = [TemplateSet(g.templates, g.subjects, fe[rw]) for g, rw in zip(gal_lists, gal_rows)]
             probes = TemplateSet(meta.probes.templates, meta.probes.subjects, fv[probe_rows])
             if grid_ok:
                 # Exact ranks straight from the grid rows of each gallery (no top-k sort).
@@ -283,13 +306,25 @@ def evaluate_features(
                     outcome_from_scores(x, g.subjects, probes.subjects, max(CMC_RANKS, max(ks)), nm)
                     for x, g, nm in zip(sub, galleries, ("G1", "G2"))
                 )
-                del sub
                 ir = identification_result(outs, ks, fpirs)
             else:
                 ir = identify_galleries(galleries, probes, knn, ks, fpirs, ("G1", "G2"))
-            idr[test] = ir
-            notes.extend(f"identification/{test}: {x}" for x in ir.notes)
-        secs[f"{test}/identification"] = time.perf_counter() - ti
+            r["ir"] = ir
+            r["notes"] += [f"identification/{test}: {x}" for x in ir.notes]
+        r["secs"]["identification"] = time.perf_counter() - ti
+        return r
+
+    done = [run_test(*t) for t in tests]
+    ver: dict[str, VerificationResult] = {}
+    idr: dict[str, IdentificationResult] = {}
+    scores_by_test: dict[str, np.ndarray] = {}
+    crit: dict[str, float] = {}
+    for (test, _, _), r in zip(tests, done):
+        ver[test], scores_by_test[test], crit[test] = r["ver"], r["scores"], r["crit"]
+        if "ir" in r:
+            idr[test] = r["ir"]
+        notes.extend(r["notes"])
+        secs.update({f"{test}/{k}": v for k, v in r["secs"].items()})
 
     boot: BootstrapResult | None = None
     if int(bootstrap) > 0:
@@ -321,7 +356,8 @@ def evaluate_features(
         "flip": flip_how,
         "detector_score_weighting": bool(use_score),
         "template_pooling": "L2-normalise(sum over media of mean image feature)",
-        "roc": "sklearn.metrics.roc_curve defaults (drop_intermediate=True)",
+        "roc": "sklearn.metrics.roc_curve defaults (drop_intermediate=True)"
+               + ("" if full_roc else f"; points up to FPR {2 * head_far:g} (enough for TAR at FAR <= {head_far:g})"),
         "roc_backend": roc_backend,
         "tar_rule": "TPR at the ROC point with FPR nearest to FAR; ties -> higher TPR",
         "tpir_rule": "threshold = non-mated max scores sorted descending at "

@@ -206,12 +206,28 @@ def outcome_from_scores(
     if g == 0 or q == 0:
         return GalleryOutcome(name, mated, rank, np.full(q, -np.inf, np.float32), max_rank, g)
     top1 = S.max(0).astype(np.float32)
-    mate = gsub[:, None] == psub[None, :]  # [g, q]
-    best = np.where(mate, S, -np.inf).max(0)  # best mate score per probe (-inf: none)
-    at_best = mate & (S == best[None, :])
-    first = at_best.argmax(0)  # lowest gallery index of a mate reaching it
+    # A probe's mates are the few gallery rows of its subject: look them up per probe (the
+    # k-th mate of every probe at once) instead of masking the [g, q] matrix.
+    by_subject = np.argsort(gsub, kind="stable")  # rows of one subject stay ascending
+    lo = np.searchsorted(gsub[by_subject], psub, side="left")
+    n_mates = np.searchsorted(gsub[by_subject], psub, side="right") - lo
+    best = np.full(q, -np.inf, S.dtype)  # best mate score per probe (-inf: none)
+    first = np.zeros(q, np.int64)  # lowest gallery row of a mate reaching it
+    cols = np.arange(q)
+    for k in range(int(n_mates.max())):
+        c = cols[n_mates > k]
+        rows = by_subject[lo[c] + k]
+        v = S[rows, c]
+        better = v > best[c]  # rows ascend with k: an equal score keeps the earlier row
+        best[c[better]], first[c[better]] = v[better], rows[better]
     above = (S > best[None, :]).sum(0)
-    tied_before = ((S == best[None, :]) & (np.arange(g)[:, None] < first[None, :])).sum(0)
+    # Non-mates tied with the best mate rank before it when their row is lower. Ties are
+    # rare: count them only in the columns where more than the mate reaches the score.
+    tied = np.flatnonzero((S == best[None, :]).sum(0) > 1)
+    tied_before = np.zeros(q, np.int64)
+    if tied.size:
+        eq = S[:, tied] == best[None, tied]
+        tied_before[tied] = (eq & (np.arange(g)[:, None] < first[None, tied])).sum(0)
     r = 1 + above + tied_before
     ok = mated & (r <= max_rank)
     rank[ok] = r[ok]

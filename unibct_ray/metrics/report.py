@@ -263,7 +263,8 @@ def _png(draw: Any) -> bytes:
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     draw(fig.add_subplot())
-    fig.tight_layout()
+    # Fixed margins that fit these axes' labels (tight_layout costs ~0.25 s per figure).
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.11, top=0.93)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

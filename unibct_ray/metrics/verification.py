@@ -283,6 +283,7 @@ def roc_curve(
     scores: np.ndarray,
     labels: np.ndarray,
     backend: Literal["fast", "sklearn"] = "fast",
+    max_fpr: float | None = None,
 ) -> RocCurve:
     """ROC of ``sklearn.metrics.roc_curve(labels, scores)`` with its defaults.
 
@@ -290,6 +291,12 @@ def roc_curve(
     one threshold and takes cumulative genuine/impostor counts at each; the per-threshold
     counts do not depend on the order inside a tie, so a plain ``np.sort`` of the scores and
     a ``searchsorted`` over the few genuine scores replace its stable argsort.
+
+    ``max_fpr`` (fast backend): only the head of that curve, every point with FPR up to
+    past ``2 * max_fpr``, from the top ~``2 * max_fpr`` of the scores. TAR at any FAR
+    ``f <= max_fpr`` is the same as on the whole curve: the point (0, 0) is at distance
+    ``f``, so the nearest points have FPR <= 2 f. (The head is the whole curve when it
+    would not be much smaller.)
 
     Args:
         scores: [m] finite pair scores; labels: [m] 1 genuine / 0 impostor (or bool).
@@ -306,6 +313,46 @@ def roc_curve(
         return RocCurve(fpr, tpr, thr, float(y.sum()), float(y.size - y.sum()))
     if backend != "fast":
         raise ValueError(f"roc_curve: backend must be 'fast' or 'sklearn', got {backend!r}")
+    if max_fpr is not None:
+        head = _fast_roc_head(s, y, float(max_fpr))
+        if head is not None:
+            return head
+    return _fast_roc(s, y)
+
+
+def _fast_roc_head(s: np.ndarray, y: np.ndarray, max_fpr: float) -> RocCurve | None:
+    """The head of the fast ROC: every point of the full curve with FPR <= 2 * max_fpr.
+
+    The scores at or above a threshold chosen by ``np.partition`` hold more than
+    ``2 * max_fpr`` of the impostors; whole tie groups are in (``>=``), so only the last
+    point's keep/drop decision (which needs the next group) is unknown and is left out.
+    None when a head would not be smaller or does not reach past ``2 * max_fpr`` (a long
+    collinear stretch at its end): the caller then builds the whole curve.
+    """
+    m = s.size
+    n_gen = int(np.count_nonzero(y))
+    n_imp = m - n_gen
+    if n_imp == 0 or n_gen == 0 or not 0 <= max_fpr < 0.25:
+        return None
+    need = int(np.ceil(2 * max_fpr * n_imp)) + 2  # impostors strictly past 2 * max_fpr, and one more
+    k = need + n_gen  # the k highest scores hold >= need impostors
+    if 2 * k >= m:
+        return None
+    t = np.partition(s, m - k)[m - k]
+    head = s >= t
+    roc = _fast_roc(s[head], y[head], n_impostor=n_imp, n_genuine=n_gen, truncated=True)
+    if roc.fpr.size < 2 or not roc.fpr[-1] > 2 * max_fpr:
+        return None
+    return roc
+
+
+def _fast_roc(s: np.ndarray, y: np.ndarray, n_impostor: float | None = None,
+              n_genuine: float | None = None, truncated: bool = False) -> RocCurve:
+    """sklearn's ``roc_curve`` arrays from a sort of the scores (see :func:`roc_curve`).
+
+    ``truncated``: ``s`` are all scores at or above some threshold (whole tie groups) and
+    ``n_impostor`` / ``n_genuine`` the totals of the full set; the last point is dropped.
+    """
     desc = np.sort(s)[::-1]
     m = desc.size
     new_group = np.empty(m, bool)
@@ -339,7 +386,7 @@ def roc_curve(
     tps = np.searchsorted(pos_group, kept, side="right")
     fps = starts[kept] + sizes[kept] - tps
     return _finish_roc(fps.astype(np.float64), tps.astype(np.float64), desc[starts[kept]],
-                       drop_intermediate=False)
+                       n_impostor, n_genuine, truncated, drop_intermediate=False)
 
 
 def tar_from_roc(roc: RocCurve, fars: Sequence[float] = FARS) -> dict[str, float]:
@@ -366,9 +413,16 @@ def verify(
     labels: np.ndarray,
     fars: Sequence[float] = FARS,
     backend: Literal["fast", "sklearn"] = "fast",
+    head_far: float | None = None,
 ) -> VerificationResult:
-    """ROC and TAR@FAR of one set of pair scores (see the module docstring for the rules)."""
-    roc = roc_curve(scores, labels, backend)
+    """ROC and TAR@FAR of one set of pair scores (see the module docstring for the rules).
+
+    ``head_far``: the ROC is kept only up to past ``2 * head_far`` (exact TAR at every FAR
+    <= ``head_far``; :func:`roc_curve` ``max_fpr``); None: the whole curve.
+    """
+    if head_far is not None and fars and max(fars) > head_far:
+        raise ValueError(f"verify: FAR {max(fars)} lies beyond head_far={head_far}")
+    roc = roc_curve(scores, labels, backend, max_fpr=head_far if backend == "fast" else None)
     notes = []
     if roc.n_genuine == 0:
         notes.append("no genuine pairs: TAR is undefined (NaN)")
