@@ -272,12 +272,13 @@ def evaluate_features(
     # the largest of them (FPR 0.2 by default) from the top ~20 % of the scores.
     head_far = None if full_roc else max([*fars, criterion_far])
 
-    def run_test(test: str, e_name: str, v_name: str) -> dict[str, Any]:
-        """One of self_old / self_new / cross: 1:1 scores + ROC, then 1:N."""
-        r: dict[str, Any] = {"notes": [], "secs": {}}
+    ver: dict[str, VerificationResult] = {}
+    idr: dict[str, IdentificationResult] = {}
+    scores_by_test: dict[str, np.ndarray] = {}
+    crit: dict[str, float] = {}
+    for test, e_name, v_name in tests:
         te = time.perf_counter()
         fe, fv = pooled[e_name], pooled[v_name]
-        sub: list[np.ndarray] = []
         if grid_ok and pidx is not None:
             grid = fe[grid_rows] @ fv[pidx.verif_rows].T  # [rows, u2] float32
             scores = grid[a_grid, pidx.b]
@@ -289,16 +290,17 @@ def evaluate_features(
             scores = pair_scores(template_ids, fe, fv, pairs, index=pidx)
         else:
             scores = np.zeros(0, np.float32)
-        r["secs"]["scores"] = time.perf_counter() - te
+        secs[f"{test}/scores"] = time.perf_counter() - te
         tv = time.perf_counter()
         vr = verify(scores, labels, fars, backend=roc_backend, head_far=head_far)
-        r["ver"], r["scores"] = vr, scores
-        r["crit"] = tar_from_roc(vr.roc, [criterion_far])[rate_key(criterion_far)]
-        r["notes"] += [f"verification/{test}: {x}" for x in vr.notes]
-        r["secs"]["verification"] = time.perf_counter() - tv
+        ver[test] = vr
+        crit[test] = tar_from_roc(vr.roc, [criterion_far])[rate_key(criterion_far)]
+        notes.extend(f"verification/{test}: {x}" for x in vr.notes)
+        scores_by_test[test] = scores
+        secs[f"{test}/verification"] = time.perf_counter() - tv
         ti = time.perf_counter()
         if has_1n:
-            galleries = [TemplateSet(g.templates, g.subjects, fe[rw]) for g, rw in zip(gal_lists, gal_rows)]
+            galleries = [TemplateSet(g.templates, g.subjects, fe[r]) for g, r in zip(gal_lists, gal_rows)]
             probes = TemplateSet(meta.probes.templates, meta.probes.subjects, fv[probe_rows])
             if grid_ok:
                 # Exact ranks straight from the grid rows of each gallery (no top-k sort).
@@ -306,25 +308,13 @@ def evaluate_features(
                     outcome_from_scores(x, g.subjects, probes.subjects, max(CMC_RANKS, max(ks)), nm)
                     for x, g, nm in zip(sub, galleries, ("G1", "G2"))
                 )
+                del sub
                 ir = identification_result(outs, ks, fpirs)
             else:
                 ir = identify_galleries(galleries, probes, knn, ks, fpirs, ("G1", "G2"))
-            r["ir"] = ir
-            r["notes"] += [f"identification/{test}: {x}" for x in ir.notes]
-        r["secs"]["identification"] = time.perf_counter() - ti
-        return r
-
-    done = [run_test(*t) for t in tests]
-    ver: dict[str, VerificationResult] = {}
-    idr: dict[str, IdentificationResult] = {}
-    scores_by_test: dict[str, np.ndarray] = {}
-    crit: dict[str, float] = {}
-    for (test, _, _), r in zip(tests, done):
-        ver[test], scores_by_test[test], crit[test] = r["ver"], r["scores"], r["crit"]
-        if "ir" in r:
-            idr[test] = r["ir"]
-        notes.extend(r["notes"])
-        secs.update({f"{test}/{k}": v for k, v in r["secs"].items()})
+            idr[test] = ir
+            notes.extend(f"identification/{test}: {x}" for x in ir.notes)
+        secs[f"{test}/identification"] = time.perf_counter() - ti
 
     boot: BootstrapResult | None = None
     if int(bootstrap) > 0:

@@ -59,6 +59,14 @@ def image_features(
     return out
 
 
+def _segment_matrix(seg_of_row: np.ndarray, weights: np.ndarray, cols: np.ndarray, n_seg: int,
+                    n_cols: int) -> sparse.csr_matrix:
+    """CSR [n_seg, n_cols] with ``weights[i]`` at (``seg_of_row[i]``, ``cols[i]``); the rows
+    ``i`` are sorted by segment, so the matrix is built directly."""
+    indptr = np.r_[0, np.cumsum(np.bincount(seg_of_row, minlength=n_seg))]
+    return sparse.csr_matrix((weights, cols, indptr), shape=(n_seg, n_cols))
+
+
 def pool_templates(
     features: np.ndarray,
     templates: np.ndarray,
@@ -70,8 +78,9 @@ def pool_templates(
     template_feat[t] = normalise( sum_{media m of t} mean_{i in (t, m)} w_i * features[i] )
 
     Vectorised: one lexsort by (template, media); the media mean is folded into a per-row
-    weight 1 / |media|, and per-template sums are sparse segment sums over chunks of the
-    sorted rows, accumulated in float32 (float64 for float64 features).
+    weight 1 / |media|, and per-template sums are one sparse [templates, images] product
+    (float16 storage: over chunks of the sorted rows), accumulated in float32 (float64 for
+    float64 features).
 
     Args:
         features: [n, d] image features (finite; see :func:`image_features`).
@@ -129,9 +138,7 @@ def pool_templates(
         # Segment sums as one sparse [templates, images] x dense [images, d] product. The CSR
         # columns are the sorted order, so the rows are read in place (no gathered copy).
         # (np.add.reduceat over axis 0 was ~10x slower here.)
-        indptr = np.r_[0, np.cumsum(np.bincount(tpl_of_row, minlength=template_ids.size))]
-        seg = sparse.csr_matrix((w_row, order, indptr), shape=(template_ids.size, n))
-        acc = np.ascontiguousarray(seg @ feats)
+        acc = np.ascontiguousarray(_segment_matrix(tpl_of_row, w_row, order, template_ids.size, n) @ feats)
     else:
         acc = np.zeros((template_ids.size, d), ct)
         contiguous = bool(np.all(order[1:] > order[:-1]))  # file grouped by template: slices
@@ -140,8 +147,7 @@ def pool_templates(
             rows = feats[lo:hi] if contiguous else feats[order[lo:hi]]
             tpl = tpl_of_row[lo:hi]
             first, n_t = int(tpl[0]), int(tpl[-1] - tpl[0]) + 1
-            indptr = np.r_[0, np.cumsum(np.bincount(tpl - first, minlength=n_t))]
-            seg = sparse.csr_matrix((w_row[lo:hi], np.arange(hi - lo), indptr), shape=(n_t, hi - lo))
+            seg = _segment_matrix(tpl - first, w_row[lo:hi], np.arange(hi - lo), n_t, hi - lo)
             acc[first : first + n_t] += seg @ rows.astype(ct)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf inputs: caller checks
         norms = np.sqrt(np.einsum("ij,ij->i", acc, acc))
