@@ -9,6 +9,11 @@ against the old one (self_old / self_new / cross on IJB-C) and write
     DIR/summary.md     the comparison table (TAR@FAR=1e-3, top-1) and the demo's checks
     DIR/summary.png    TAR@FAR=1e-3 per method and test, with bootstrap intervals
 
+The new models of a scenario train one after the other in a single Ray Train ``fit()``
+(``unibct_ray.distributed.train.train_group``: the fixed start-up cost of a fit is paid once,
+and UniBCT refines its prototypes inside the loop), and every model's IJB-C features come
+from one pass of one actor pool before the evaluations read them.
+
 The configs are ``jobs/configs/synthetic/*.yaml`` - the files a user edits - and every step is
 the code the CLI runs on real data. Finished training runs whose config is unchanged are
 reused, and an interrupted one resumes from its last checkpoint, so a rerun of the demo only
@@ -98,6 +103,36 @@ def _train_or_reuse(cfg: Any) -> Path:
                 return train(cfg, resume=run_dir).checkpoint
         shutil.rmtree(run_dir)  # another recipe (or nothing usable) under this name: start over
     return train(cfg).checkpoint
+
+
+def _train_or_reuse_group(cfgs: list[Any]) -> list[Path]:
+    """``_train_or_reuse`` for several runs: whatever is left to train goes into one fit."""
+    from unibct_ray.checkpoint import find_latest_checkpoint
+    from unibct_ray.config import to_dict
+    from unibct_ray.distributed.train import train_group
+
+    out: list[Path | None] = [None] * len(cfgs)
+    todo, resumes = [], []
+    for i, cfg in enumerate(cfgs):
+        run_dir = (Path(cfg.storage) / cfg.name).resolve()
+        resume = None
+        if run_dir.exists():
+            if _same_config(run_dir, to_dict(cfg)):
+                if (run_dir / "final.pt").is_file():
+                    _say(f"    {cfg.name}: reusing the finished run in {run_dir}")
+                    out[i] = run_dir / "final.pt"
+                    continue
+                if find_latest_checkpoint(run_dir) is not None:
+                    _say(f"    {cfg.name}: resuming the interrupted run in {run_dir}")
+                    resume = run_dir
+            if resume is None:
+                shutil.rmtree(run_dir)  # another recipe (or nothing usable) under this name: start over
+        todo.append(i)
+        resumes.append(resume)
+    if todo:
+        for i, r in zip(todo, train_group([cfgs[i] for i in todo], resumes=resumes)):
+            out[i] = r.checkpoint
+    return out
 
 
 def _prepare_data(out: Path, plan: DemoPlan, seed: int, scenarios: list[str]) -> tuple[Path, dict[str, Path]]:
@@ -248,7 +283,8 @@ def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: b
              num_cpus: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """Run the demo into ``out``; returns the summary ``{scenario: {method: report}}``."""
     from unibct_ray.config import load_config
-    from unibct_ray.distributed.evaluate import EvalArgs, run_eval
+    from unibct_ray.data.ijbc import read_ijbc_meta
+    from unibct_ray.distributed.evaluate import EvalArgs, checkpoints_features, run_eval
     from unibct_ray.distributed.runtime import ensure_ray
 
     scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
@@ -290,18 +326,23 @@ def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: b
         _say(f"3/5 [{sc}] training the old model ({old_cfg.model.backbone}, {old_cfg.optim.epochs} epochs, "
              f"{old_cfg.num_workers} Ray Train workers)")
         old_ckpt = _train_or_reuse(old_cfg)
-        results: dict[str, dict[str, Any]] = {}
-        for i, m in enumerate(methods, 1):
-            cfg = _method_config(m, split, runs, old_ckpt, out / "cache" / "old-features", plan, seed)
+        cfgs = [_method_config(m, split, runs, old_ckpt, out / "cache" / "old-features", plan, seed) for m in methods]
+        for i, (m, cfg) in enumerate(zip(methods, cfgs), 1):
             extra = f", refinement at epochs {list(cfg.compat.refine_epochs)}" if cfg.compat.method == "unibct" else ""
             _say(f"4/5 [{sc}] new model {i}/{len(methods)}: {m} ({cfg.optim.epochs} epochs{extra})")
-            new_ckpt = _train_or_reuse(cfg)
-            _say(f"5/5 [{sc}] evaluating {m}: self_old, self_new, cross on the synthetic IJB-C")
+        _say(f"    the {len(methods)} new models train one after the other in one Ray Train fit")
+        new_ckpts = dict(zip(methods, _train_or_reuse_group(cfgs)))
+        _say(f"5/5 [{sc}] evaluating: self_old, self_new, cross on the synthetic IJB-C")
+        # Every model's IJB-C features in one pass of one actor pool; the evaluations read them.
+        ijbc_cache = out / "cache" / "ijbc-features"
+        checkpoints_features(read_ijbc_meta(synth), [old_ckpt, *new_ckpts.values()], ijbc_cache, EvalArgs.actors)
+        results: dict[str, dict[str, Any]] = {}
+        for m in methods:
             if (evals / m).exists():
                 shutil.rmtree(evals / m)  # the demo's own report; the feature cache stays
-            results[m] = run_eval(EvalArgs(ijbc=synth, out=evals / m, old_checkpoint=old_ckpt, new_checkpoint=new_ckpt,
+            results[m] = run_eval(EvalArgs(ijbc=synth, out=evals / m, old_checkpoint=old_ckpt, new_checkpoint=new_ckpts[m],
                                            criterion_far=float(DEMO_FAR), bootstrap=plan.bootstrap, seed=seed,
-                                           cache_dir=out / "cache" / "ijbc-features"))
+                                           cache_dir=ijbc_cache))
             v = results[m]["verification"]
             _say(f"    {m}: TAR@FAR={DEMO_FAR} self_old {_fmt(v['self_old'][DEMO_FAR])}  "
                  f"self_new {_fmt(v['self_new'][DEMO_FAR])}  cross {_fmt(v['cross'][DEMO_FAR])}")

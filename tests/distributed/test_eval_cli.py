@@ -100,3 +100,29 @@ def test_ray_shards_equal_one_index(ray_session):
     s2, i2 = RayShardedKNN(shards=3)(gallery, queries, 7)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-6)
+
+
+def test_ray_shards_kept_between_searches(ray_session):
+    """Inside ``with knn:`` the shard actors serve several searches over different galleries
+    (each loads its own slices) and end on leaving; every result equals brute force."""
+    rng = np.random.default_rng(1)
+    galleries = [rng.standard_normal((n, 8)).astype(np.float32) for n in (300, 41, 300)]
+    queries = rng.standard_normal((20, 8)).astype(np.float32)
+    knn = RayShardedKNN(shards=2)
+    with knn:
+        got = []
+        for g in galleries:
+            got.append(knn(g, queries, 5))
+            actors = list(knn._pool[2])
+            assert all(a is not None for a in actors)
+            if len(got) > 1:
+                assert actors == first_actors  # the same actors, not new ones
+            first_actors = actors
+    assert knn._pool is None  # actors and placement group released
+    for g, (s, i) in zip(galleries, got):
+        bs, bi = brute_force_knn(g, queries, 5)
+        np.testing.assert_array_equal(i, bi)
+        np.testing.assert_allclose(s, bs, rtol=1e-5, atol=1e-6)
+    s, i = knn(galleries[1], queries, 5)  # outside the block: a call of its own, released after
+    assert knn._pool is None
+    np.testing.assert_array_equal(i, brute_force_knn(galleries[1], queries, 5)[1])

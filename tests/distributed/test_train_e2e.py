@@ -131,25 +131,30 @@ def test_resume_after_interruption(workspace):
 KILL_RANK, KILL_EPOCH, KILL_STEP = 1, 2, 3   # rank 1, third epoch (after the refinement), step 4 of 7
 
 
+def _die_at_step(target: int, marker: Path) -> None:
+    """This worker process SIGKILLs itself before its ``target``-th training step (0-based)."""
+    import unibct_ray.training as training
+
+    step, done = training.train_step, [0]
+
+    def dying_step(*args, **kwargs):
+        if done[0] == target:
+            marker.write_text(f"{os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        done[0] += 1
+        return step(*args, **kwargs)
+
+    training.train_step = dying_step  # the loop imports train_step when a run starts
+
+
 def _loop_dying_once(loop: dict) -> None:
     import ray.train
 
-    import unibct_ray.training as training
-
-    marker = Path(loop["run_dir"]) / "worker-killed"
+    run = loop["runs"][0]
+    marker = Path(run["run_dir"]) / "worker-killed"
     if (ray.train.get_context().get_world_rank() == KILL_RANK and not marker.exists()
-            and loop["first_epoch"] <= KILL_EPOCH < loop["end_epoch"]):
-        step, target = training.train_step, (KILL_EPOCH - loop["first_epoch"]) * loop["steps_per_epoch"] + KILL_STEP
-        done = [0]
-
-        def dying_step(*args, **kwargs):
-            if done[0] == target:
-                marker.write_text(f"{os.getpid()}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
-            done[0] += 1
-            return step(*args, **kwargs)
-
-        training.train_step = dying_step  # the loop imports train_step when it starts
+            and run["first_epoch"] <= KILL_EPOCH < run["end_epoch"]):
+        _die_at_step((KILL_EPOCH - run["first_epoch"]) * run["steps_per_epoch"] + KILL_STEP, marker)
     train_loop_per_worker(loop)
 
 
@@ -212,3 +217,69 @@ def test_worker_killed_mid_epoch_resumes_to_the_same_model(workspace, monkeypatc
     assert opt_a.keys() == opt_b.keys() and opt_b
     for k in opt_b:
         torch.testing.assert_close(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"], rtol=0, atol=1e-6)
+
+
+def _group_loop_dying_once(loop: dict) -> None:
+    """Rank KILL_RANK SIGKILLs itself in the *second* run of a group, on the first attempt only."""
+    import ray.train
+
+    r0, r1 = loop["runs"]
+    marker = Path(r1["run_dir"]) / "worker-killed"
+    if ray.train.get_context().get_world_rank() == KILL_RANK and not marker.exists():
+        # all the steps of run 0, then run 1 up to step KILL_STEP of its epoch KILL_EPOCH
+        _die_at_step((r0["end_epoch"] - r0["first_epoch"]) * r0["steps_per_epoch"]
+                     + (KILL_EPOCH - r1["first_epoch"]) * r1["steps_per_epoch"] + KILL_STEP, marker)
+    train_loop_per_worker(loop)
+
+
+def test_group_matches_separate_runs_through_a_killed_worker(workspace, monkeypatch):
+    """``train_group``: two runs in one fit, each refining its prototypes inside the loop (rank 0
+    drives the extraction and refinement actors while rank 1 waits), and a worker killed in the
+    second run. Both must end exactly where the separate run ends: ``new-unibct-killed-ref`` (left
+    by the test above) was resumed from its epoch-1 state with ``train``, one fit per phase and
+    the refinement in the driver. Both group runs resume from that same epoch-1 state."""
+    from ray import cloudpickle
+
+    from unibct_ray.distributed.train import train_group
+
+    ref = workspace / "runs" / "new-unibct-killed-ref"
+    dirs = []
+    for i in range(2):
+        d = workspace / "runs" / f"new-unibct-group-{i}"
+        shutil.copytree(ref, d)
+        drop_checkpoints_after(d, 1)
+        (d / "prototypes-epoch001.npy").unlink()  # must be rebuilt inside the loop
+        shutil.rmtree(d / "new_features-epoch001")
+        (d / "metrics.csv").write_text("".join(open(d / "metrics.csv").readlines()[:2]))
+        dirs.append(d)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = cfg_for(workspace, "new-unibct-killed", "new", "unibct", flip=False, shuffle_buffer=0, **UNIBCT)
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "train_loop_per_worker", _group_loop_dying_once)
+        results = train_group([cfg, cfg], resumes=dirs)
+    assert (dirs[1] / "worker-killed").exists(), "the worker was not killed"
+    assert not (dirs[0] / "worker-killed").exists()
+    b = load_checkpoint(ref / "final.pt")
+    for d, res in zip(dirs, results):
+        assert res.checkpoint == d / "final.pt" and res.run_dir == d
+        assert (d / "prototypes-epoch001.npy").exists() and (d / "new_features-epoch001" / "manifest.json").exists()
+        assert [int(r["epoch"]) for r in read_metrics(d)][-1] == 3
+        a = load_checkpoint(res.checkpoint)
+        assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"] == 3 * 7
+        torch.testing.assert_close(a["prototypes"], b["prototypes"], rtol=0, atol=1e-6)
+        for part in ("model", "head"):
+            for k in b[part]:
+                torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=1e-6, msg=f"{d.name} {part}.{k}")
+    assert not any((workspace / "runs" / ".groups").iterdir())  # the group's own checkpoints are gone
+
+
+def test_group_refuses_runs_that_cannot_share_a_fit(workspace):
+    from unibct_ray.config import to_dict
+    from unibct_ray.distributed.train import train_group
+    from unibct_ray.errors import ConfigError
+
+    a = cfg_for(workspace, "group-a", "new", "l2", weight=10.0)
+    b = from_dict({**to_dict(a), "name": "group-b", "global_batch": 64})
+    with pytest.raises(ConfigError, match="global_batch differs"):
+        train_group([a, b])
+    assert not (workspace / "runs" / "group-a").exists() and not (workspace / "runs" / "group-b").exists()

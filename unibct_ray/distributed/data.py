@@ -18,10 +18,11 @@ FEATURE_COLUMN = "feature"
 OLD_FEATURE_COLUMN = "old_feature"
 
 
-def read_shard_set(path: str | os.PathLike, columns: list[str] | None = None) -> ray.data.Dataset:
+def read_shard_set(path: str | os.PathLike, columns: list[str] | None = None, *,
+                   task_cpus: float = 1.0) -> ray.data.Dataset:
     """A Ray Dataset over the Parquet files a manifest lists (validated first)."""
     m = read_manifest(path)
-    return ray.data.read_parquet([str(f) for f in m.files], columns=columns)
+    return ray.data.read_parquet([str(f) for f in m.files], columns=columns, num_cpus=task_cpus)
 
 
 def feature_matrix(table: pa.Table, column: str) -> np.ndarray:

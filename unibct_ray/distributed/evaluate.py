@@ -17,6 +17,7 @@ with one line naming the file. A cached feature file is reused, never replaced, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from unibct_ray.data.images import to_tensor_layout
 from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import DataFormatError, UserError, npy_error
 
-__all__ = ["EvalArgs", "run_eval", "load_feature_file", "checkpoint_features"]
+__all__ = ["EvalArgs", "run_eval", "load_feature_file", "checkpoint_features", "checkpoints_features"]
 
 
 @dataclass(frozen=True)
@@ -85,16 +86,23 @@ def load_feature_file(path: Path, n_images: int | None, what: str, *, min_rows: 
 
 
 class _AlignEmbed:
-    """Actor-pool UDF: read, align (5 points), embed image + mirror, sum."""
+    """Actor-pool UDF: read, align (5 points), embed image + mirror with each model, sum.
 
-    def __init__(self, checkpoint: str):
+    Several models share one pass (each image is read and aligned once per input size);
+    model k's features come back in column ``feature_k``.
+    """
+
+    def __init__(self, checkpoints: list[str]):
         import torch
 
         from unibct_ray.checkpoint import build_backbone_from_checkpoint
 
         torch.set_num_threads(1)
-        self.model, cfg, _ = build_backbone_from_checkpoint(checkpoint)
-        self.size = cfg.data.image_size
+        self.models, self.sizes = [], []
+        for c in checkpoints:
+            model, cfg, _ = build_backbone_from_checkpoint(c)
+            self.models.append(model)
+            self.sizes.append(cfg.data.image_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -102,22 +110,28 @@ class _AlignEmbed:
 
         from unibct_ray.data.landmarks import align_face
 
-        crops, errors = [], []
-        for path, lm in zip(batch["path"], batch["landmarks"]):
+        images, errors = [], []
+        for path in batch["path"]:
             try:
                 with Image.open(str(path)) as im:
-                    img = np.asarray(im.convert("RGB"))
+                    images.append(np.asarray(im.convert("RGB")))
                 errors.append("")
             except (OSError, ValueError, SyntaxError) as e:
                 # Returned as data, not raised: the driver stops with one line naming the file
                 # (an exception here would surface as Ray Data's multi-line remote traceback).
-                img = np.zeros((self.size, self.size, 3), np.uint8)
+                images.append(np.zeros((max(self.sizes), max(self.sizes), 3), np.uint8))
                 errors.append(f"{path}: image does not decode ({str(e).splitlines()[0][:160]})")
-            crops.append(align_face(img, np.asarray(lm, np.float32).reshape(5, 2), self.size))
-        x = torch.from_numpy(to_tensor_layout(np.stack(crops)))
-        with torch.inference_mode():
-            f = self.model(x) + self.model(torch.flip(x, dims=[3]))
-        return {"row": batch["row"], "feature": f.float().numpy(), "error": np.asarray(errors, dtype=object)}
+        out = {"row": batch["row"], "error": np.asarray(errors, dtype=object)}
+        crops: dict[int, torch.Tensor] = {}
+        for k, (model, size) in enumerate(zip(self.models, self.sizes)):
+            if size not in crops:
+                crops[size] = torch.from_numpy(to_tensor_layout(np.stack([
+                    align_face(img, np.asarray(lm, np.float32).reshape(5, 2), size)
+                    for img, lm in zip(images, batch["landmarks"])])))
+            x = crops[size]
+            with torch.inference_mode():
+                out[f"feature_{k}"] = (model(x) + model(torch.flip(x, dims=[3]))).float().numpy()
+        return out
 
 
 def _file_hash(path: Path) -> str:
@@ -166,6 +180,15 @@ def _cached(cache: Path, n_images: int, overwrite: bool) -> np.ndarray | None:
     return arr
 
 
+def _cache_path(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path) -> tuple[Path, str]:
+    key = _file_hash(checkpoint)
+    # The folder's fingerprint too: a cache shared between IJB-C folders must not mix them up.
+    h = hashlib.sha256("\n".join(meta.image_names).encode())
+    h.update(np.ascontiguousarray(meta.landmarks, np.float32).tobytes())
+    key = f"{key}-{h.hexdigest()[:12]}"
+    return cache_dir / f"features-{key}.npy", key
+
+
 def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, actors: int,
                         overwrite: bool = False) -> np.ndarray:
     """Per-image ``emb + emb_flip`` [n, d] of a checkpoint over the IJB-C images (cached).
@@ -173,18 +196,27 @@ def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, 
     The cache file is keyed by the checkpoint's and the folder's content and written
     atomically; an existing one is reused, never replaced, unless ``overwrite``.
     """
+    return checkpoints_features(meta, [checkpoint], cache_dir, actors, overwrite)[0]
+
+
+def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir: Path, actors: int,
+                         overwrite: bool = False) -> list[np.ndarray]:
+    """``checkpoint_features`` of several checkpoints with one actor pool and one pass.
+
+    The checkpoints not yet cached are embedded together: each actor loads all of them once,
+    and each image is read and aligned once. Each gets its own cache file.
+    """
     from unibct_ray.checkpoint import load_checkpoint
 
-    load_checkpoint(checkpoint)  # refuse hostile/foreign files before any actor starts
-    key = _file_hash(checkpoint)
-    # The folder's fingerprint too: a cache shared between IJB-C folders must not mix them up.
-    h = hashlib.sha256("\n".join(meta.image_names).encode())
-    h.update(np.ascontiguousarray(meta.landmarks, np.float32).tobytes())
-    key = f"{key}-{h.hexdigest()[:12]}"
-    cache = cache_dir / f"features-{key}.npy"
-    arr = _cached(cache, len(meta.image_names), overwrite)
-    if arr is not None:
-        return arr
+    for c in checkpoints:
+        load_checkpoint(c)  # refuse hostile/foreign files before any actor starts
+    caches = [_cache_path(meta, Path(c), cache_dir) for c in checkpoints]
+    result: list[np.ndarray | None] = [_cached(cache, len(meta.image_names), overwrite) for cache, _ in caches]
+    # Each missing cache file once (the same checkpoint given twice is embedded once).
+    todo = {caches[k]: str(checkpoints[k]) for k, r in enumerate(result) if r is None}
+    if not todo:
+        return result
+    ckpts = list(todo.values())
     check_images(meta)
     img_dir = meta.root / "loose_crop"
     rows = np.arange(len(meta.image_names))
@@ -194,31 +226,36 @@ def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, 
         "landmarks": pa.FixedSizeListArray.from_arrays(pa.array(meta.landmarks.reshape(-1), pa.float32()), 10),
     })
     ds = ray.data.from_arrow(table).repartition(max(1, min(len(rows) // 256, 4 * actors))).map_batches(
-        _AlignEmbed, fn_constructor_kwargs={"checkpoint": str(checkpoint)}, batch_size=64,
+        _AlignEmbed, fn_constructor_kwargs={"checkpoints": ckpts}, batch_size=64,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
     )
-    feats = None
+    feats: list[np.ndarray | None] = [None] * len(ckpts)
     done = np.zeros(len(rows), bool)
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         bad = [e for e in batch["error"].tolist() if e]
         if bad:
             raise DataFormatError(bad[0])
-        if feats is None:
-            feats = np.zeros((len(rows), batch["feature"].shape[1]), np.float32)
-        feats[batch["row"]] = batch["feature"]
+        for j in range(len(ckpts)):
+            f = batch[f"feature_{j}"]
+            if feats[j] is None:
+                feats[j] = np.zeros((len(rows), f.shape[1]), np.float32)
+            feats[j][batch["row"]] = f
         done[batch["row"]] = True
-    if feats is None or not done.all():
-        raise RuntimeError(f"feature extraction of {checkpoint} returned {int(done.sum())} of {len(rows)} images")
-    if not np.isfinite(feats).all():
-        first = meta.image_names[int(np.flatnonzero(~np.isfinite(feats).all(1))[0])]
-        raise DataFormatError(f"{checkpoint}: the model gives NaN/inf features (first for image {first})")
+    if not done.all():
+        raise RuntimeError(f"feature extraction of {', '.join(ckpts)} returned {int(done.sum())} of {len(rows)} images")
+    for ckpt, arr in zip(ckpts, feats):
+        if not np.isfinite(arr).all():
+            bad_img = meta.image_names[int(np.flatnonzero(~np.isfinite(arr).all(1))[0])]
+            raise DataFormatError(f"{ckpt}: the model gives NaN/inf features (first for image {bad_img})")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, cache)
-    atomic_write_text(cache.with_suffix(".json"), json.dumps({"checkpoint": str(checkpoint), "sha256_20": key,
-                                                              "rows": len(rows)}) + "\n")
-    return feats
+    for ((path, key), ckpt), arr in zip(todo.items(), feats):
+        tmp = path.with_name(f".{path.name}.tmp.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+        atomic_write_text(path.with_suffix(".json"), json.dumps({"checkpoint": ckpt, "sha256_20": key,
+                                                                 "rows": len(rows)}) + "\n")
+    by_cache = dict(zip(todo, feats))
+    return [r if r is not None else by_cache[caches[k]] for k, r in enumerate(result)]
 
 
 def _distractor_features(a: EvalArgs, cache_dir: Path) -> np.ndarray | None:
@@ -329,23 +366,22 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
     if connect is not None and (a.old_checkpoint or a.new_checkpoint or a.shards > 1):
         connect()
 
-    def side(ckpt: Path | None, what: str) -> np.ndarray | None:
-        if what in loaded:
-            return loaded[what]
-        if ckpt:
-            return checkpoint_features(meta, ckpt, cache, a.actors, overwrite=a.overwrite)
-        return None
-
-    old = side(a.old_checkpoint, "old")
-    new = side(a.new_checkpoint, "new")
+    # Both checkpoints (when both sides are models) in one extraction pass.
+    embed = {w: c for w, c in (("old", a.old_checkpoint), ("new", a.new_checkpoint)) if c and w not in loaded}
+    if embed:
+        loaded.update(zip(embed, checkpoints_features(meta, list(embed.values()), cache, a.actors,
+                                                      overwrite=a.overwrite)))
+    old, new = loaded.get("old"), loaded.get("new")
     base = RayShardedKNN(shards=a.shards, index=a.index) if a.shards > 1 else FaissKNN(index=a.index)
     recall = RecallKNN(base) if a.index != "flat" else None
     knn = recall or base
     distractors = _distractor_features(a, cache)
     if distractors is not None:
         knn = DistractorKNN(knn, distractors)
-    report, curves = evaluate_features(meta, old, new, knn=knn, criterion_far=a.criterion_far,
-                                       bootstrap=a.bootstrap, seed=a.seed)
+    # The shard actors stay up for the evaluation's six searches (three tests x two galleries).
+    with base if isinstance(base, RayShardedKNN) else contextlib.nullcontext():
+        report, curves = evaluate_features(meta, old, new, knn=knn, criterion_far=a.criterion_far,
+                                           bootstrap=a.bootstrap, seed=a.seed)
     report.setdefault("protocol", {}).update({
         "ijbc": str(meta.root), "index": a.index, "shards": a.shards, "distractors": a.distractors,
         "old": str(a.old_checkpoint or a.old_features or ""), "new": str(a.new_checkpoint or a.new_features or ""),

@@ -68,19 +68,22 @@ def extract_features(
     actors: int = 2,
     batch_size: int = 256,
     cpus_per_actor: float = 1.0,
+    task_cpus: float = 1.0,
     overwrite: bool = False,
 ) -> Path:
     """Embed every row of ``shards`` into a new shard set at ``out`` (atomically).
 
     Rows keep the source order (``preserve_order``), so a class stays contiguous and the
     refinement actors can read class ranges with Parquet row-group statistics.
+    ``task_cpus``: the CPUs each read / write task asks for (a run inside a training loop
+    asks for less, so that it fits beside the training workers).
     """
     src = read_manifest(shards)
     ctx = ray.data.DataContext.get_current()
     previous = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ds = read_shard_set(shards).map_batches(
+        ds = read_shard_set(shards, task_cpus=task_cpus).map_batches(
             Embedder,
             batch_format="pyarrow",
             batch_size=batch_size,
@@ -91,7 +94,7 @@ def extract_features(
             num_cpus=cpus_per_actor,
         )
         with StagedDir(out, overwrite=overwrite) as stage:
-            ds.write_parquet(str(stage.path), min_rows_per_file=50_000)
+            ds.write_parquet(str(stage.path), min_rows_per_file=50_000, ray_remote_args={"num_cpus": task_cpus})
             files = sorted(stage.path.glob("*.parquet"))
             shards_info = []
             rows = 0

@@ -13,7 +13,9 @@ with ``JobFailedError`` naming the shard. A result never comes from part of the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
@@ -70,6 +72,9 @@ class FaissShardActor:
 class RayShardedKNN:
     """A ``KNN`` callable whose gallery is split over ``shards`` Ray actors.
 
+    Each call starts its actors and ends them. Inside ``with knn:`` the actors stay up between
+    calls (each call loads its gallery slices into them), so a run of searches - an
+    evaluation makes six - pays the actors' start-up once.
     After each call ``placement`` holds the Ray node id of each shard's actor, in shard order.
     """
 
@@ -81,55 +86,79 @@ class RayShardedKNN:
     retries: int = 2  # new actors per shard after a loss, before the search fails
     placement: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     recoveries: int = field(default=0, init=False, repr=False, compare=False)  # actors replaced, last call
+    _keep: bool = field(default=False, init=False, repr=False, compare=False)
+    _pool: Any = field(default=None, init=False, repr=False, compare=False)  # (ExitStack, strategies, actors)
 
     @property
     def description(self) -> str:
         return f"{FaissKNN(index=self.index, nlist=self.nlist, nprobe=self.nprobe, M=self.M).description} over {self.shards} Ray actor shards"
+
+    def __enter__(self) -> "RayShardedKNN":
+        self._keep = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._keep = False
+        self._release()
+
+    def _release(self) -> None:
+        """End the actors; leaving the placement group's block removes the group."""
+        if self._pool is not None:
+            stack, _, actors = self._pool
+            self._pool = None
+            for a in actors:
+                if a is not None:
+                    ray.kill(a)
+            stack.close()
 
     def __call__(self, gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(gallery)
         bounds = np.linspace(0, n, self.shards + 1).astype(int)
         slices = [ray.put(np.ascontiguousarray(gallery[a0:b0], np.float32)) for a0, b0 in zip(bounds[:-1], bounds[1:])]
         q_ref = ray.put(np.ascontiguousarray(queries, np.float32))
-        actors: list = [None] * self.shards
+        if self._pool is None:
+            stack = contextlib.ExitStack()
+            self._pool = (stack, stack.enter_context(spread_placement(self.shards)), [None] * self.shards)
+        _, strategies, actors = self._pool
         loads: list = [None] * self.shards
         losses = [0] * self.shards
         self.recoveries = 0
 
         def start(i: int) -> ray.ObjectRef:
-            actors[i] = FaissShardActor.options(scheduling_strategy=strategies[i]).remote()
+            if actors[i] is None:
+                actors[i] = FaissShardActor.options(scheduling_strategy=strategies[i]).remote()
             loads[i] = actors[i].load.remote(slices[i])  # one caller's calls run in order: load, then search
             return actors[i].search.remote(q_ref, k, self.index, self.nlist, self.nprobe, self.M)
 
-        # The group's removal on leaving also ends any actor still in it.
-        with spread_placement(self.shards) as strategies:
+        try:
             pending = {start(i): i for i in range(self.shards)}
             parts: list = [None] * self.shards
-            try:
-                while pending:
-                    [ready], _ = ray.wait(list(pending), num_returns=1)
-                    i = pending.pop(ready)
-                    try:
-                        parts[i] = ray.get(ready)
-                        continue
-                    except ray.exceptions.RayActorError as e:
-                        error = e
-                    try:
-                        ray.get(loads[i])  # the load died with the actor too; retrieve its error here
-                    except ray.exceptions.RayError:
-                        pass
-                    losses[i] += 1
-                    if losses[i] > self.retries:
-                        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-                        raise JobFailedError(
-                            f"gallery shard {i + 1}/{self.shards} (rows {bounds[i]}..{bounds[i + 1] - 1}) lost its Ray "
-                            f"actor {losses[i]} times; no search runs on a partial gallery ({first})") from error
-                    ray.kill(actors[i])
-                    self.recoveries += 1
-                    pending[start(i)] = i
-                self.placement = ray.get([a.node_id.remote() for a in actors])
-            finally:
-                for a in actors:
-                    if a is not None:
-                        ray.kill(a)
-            return merge_topk(parts, k, offsets=bounds[:-1].tolist())
+            while pending:
+                [ready], _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(ready)
+                try:
+                    parts[i] = ray.get(ready)
+                    continue
+                except ray.exceptions.RayActorError as e:
+                    error = e
+                try:
+                    ray.get(loads[i])  # the load died with the actor too; retrieve its error here
+                except ray.exceptions.RayError:
+                    pass
+                losses[i] += 1
+                if losses[i] > self.retries:
+                    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+                    raise JobFailedError(
+                        f"gallery shard {i + 1}/{self.shards} (rows {bounds[i]}..{bounds[i + 1] - 1}) lost its Ray "
+                        f"actor {losses[i]} times; no search runs on a partial gallery ({first})") from error
+                ray.kill(actors[i])
+                actors[i] = None
+                self.recoveries += 1
+                pending[start(i)] = i
+            self.placement = ray.get([a.node_id.remote() for a in actors])
+        except BaseException:
+            self._release()
+            raise
+        if not self._keep:
+            self._release()
+        return merge_topk(parts, k, offsets=bounds[:-1].tolist())

@@ -137,20 +137,25 @@ def class_means_from_shards(path: str | os.PathLike, column: str, num_classes: i
 
 
 def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, checkpoint: Path | None,
-                     *, epoch: int, refine: bool) -> Path:
+                     *, epoch: int, refine: bool, weights: dict | None = None, extract_cpus: float = 1.0) -> Path:
     """Prototypes for the phase starting at ``epoch`` -> path of a ``.npy`` [C, d].
 
     bct: old classifier centres for classes the old model knows (matched by ``source_label``),
     normalised means of old features for the others. unibct: at a refinement epoch, refine
     with new-model features of the latest checkpoint; resuming inside a phase reuses the
     prototypes stored in the checkpoint.
+
+    ``weights`` (``{"state_dict", "model_spec"}``): the live weights of a running training
+    loop instead of a checkpoint file. Then nothing on disk is reused: the file is rebuilt
+    from these weights (a restarted loop rebuilds it from the weights it restarted with).
+    ``extract_cpus``: CPUs per extraction actor and per read/write task.
     """
     import torch
 
     from unibct_ray.checkpoint import load_checkpoint
 
     out = run_dir / f"prototypes-epoch{epoch:03d}.npy"
-    if out.exists():
+    if out.exists() and weights is None:
         return out
     method = cfg.compat.method
     if method == "bct":
@@ -168,13 +173,14 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
     else:
         from unibct_ray.distributed.extract import extract_features
 
-        if checkpoint is None:
+        if checkpoint is None and weights is None:
             raise RuntimeError("refinement needs a checkpoint of the new model")
         new_dir = run_dir / f"new_features-epoch{epoch:03d}"
-        if not (new_dir / "manifest.json").exists():
+        if weights is not None or not (new_dir / "manifest.json").exists():
             print(f"[{cfg.name}] epoch {epoch}: extracting new-model features ({cfg.extract_actors} actors)", flush=True)
             extract_features(train_dir, new_dir, checkpoint=checkpoint, column=FEATURE_COLUMN,
-                             actors=cfg.extract_actors, overwrite=True)
+                             actors=cfg.extract_actors, cpus_per_actor=extract_cpus, task_cpus=extract_cpus,
+                             overwrite=True, **(weights or {}))
         labels = read_columns(read_manifest(train_dir), ["label"])["label"]
         counts = np.bincount(labels, minlength=num_classes)
         ranges = balanced_class_ranges(counts, max(1, cfg.refine_actors), cfg.model.embedding_size)

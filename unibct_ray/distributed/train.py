@@ -32,7 +32,7 @@ from unibct_ray.data.shards import atomic_write_text, read_manifest
 from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, training_dataset
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
 
-__all__ = ["train", "check_inputs", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
+__all__ = ["train", "train_group", "check_inputs", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
@@ -83,28 +83,81 @@ def _unwrap(module: torch.nn.Module) -> _TrainModule:
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Ray Train worker: epochs ``loop['first_epoch'] .. loop['end_epoch']`` of ``loop['config']``."""
+    """Ray Train worker: the runs in ``loop['runs']``, one after the other, over one dataset.
+
+    Each run entry holds its config, epochs ``first_epoch .. end_epoch`` and where its weights
+    start. A run with ``in_loop`` set builds its prototypes inside the loop (rank 0 extracts
+    features with the live weights on an actor pool and refines on refinement actors, the
+    other ranks wait) and writes its ``final.pt``; otherwise the driver has built them
+    (``prototypes``) and copies the final checkpoint itself. After a failure Ray restarts the
+    group from the last reported checkpoint, which names its run (``group_index``).
+    """
     import ray.train
     import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    runs = loop["runs"]
+    start, restored = 0, None
+    ckpt = ray.train.get_checkpoint()  # set when Ray restarts the group after a failure
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            restored = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+        start = int(restored.get("group_index", 0))
+    shard = ray.train.get_dataset_shard("train")
+    for i in range(start, len(runs)):
+        run = runs[i]
+        state = restored if i == start and restored is not None else (
+            load_checkpoint(run["resume_from"]) if run.get("resume_from") else None)
+        _train_run(run, i, state, shard, rank, world, device)
+
+
+def _needs_prototypes(cfg: TrainConfig, epoch: int) -> bool:
+    method = cfg.compat.method
+    return method == "bct" or (method == "unibct" and epoch >= min(cfg.compat.refine_epochs, default=10**9))
+
+
+def _live_prototypes(cfg: TrainConfig, run: dict, model: torch.nn.Module, epoch: int, refine: bool,
+                     rank: int, world: int, device: torch.device) -> torch.Tensor:
+    """Prototypes for ``epoch`` built inside the loop: rank 0 builds, every rank loads."""
+    from unibct_ray.distributed.prototypes import build_prototypes
+
+    from dataclasses import replace
+
+    path = Path(run["run_dir"]) / f"prototypes-epoch{epoch:03d}.npy"
+    if rank == 0:
+        # A worker's working directory is not the driver's: the old checkpoint by absolute path.
+        cfg = replace(cfg, compat=replace(cfg.compat, old_checkpoint=run["old_checkpoint"]))
+        backbone = _unwrap(model).backbone
+        weights = {"state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+                   "model_spec": {"name": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
+                                  "input_size": cfg.data.image_size, "dropout": cfg.model.dropout}}
+        # The training workers keep their CPUs while rank 0 waits here. The extraction actors
+        # share what is left but one CPU, which Ray Data's file-listing task needs whole, and
+        # the read/write tasks after it (on one 4-CPU node: 2 actors x 0.5 CPU + 1 CPU).
+        free = ray.cluster_resources().get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker
+        cpus = min(1.0, max(free - 1.0, 0.2) / cfg.extract_actors)
+        path = build_prototypes(cfg, Path(run["run_dir"]), run["train_dir"], run["num_classes"], None,
+                                epoch=epoch, refine=refine, weights=weights, extract_cpus=cpus)
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 wrote the file (shared storage, like metrics.csv)
+    return torch.from_numpy(np.load(path, allow_pickle=False)).float().to(device)
+
+
+def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, rank: int, world: int,
+               device: torch.device) -> None:
+    """Epochs ``run['first_epoch'] .. run['end_epoch']`` of one run (see ``train_loop_per_worker``)."""
+    import ray.train
 
     from unibct_ray.compat.losses import CompatLoss
     from unibct_ray.training import train_step
 
-    cfg = from_dict(loop["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    cfg = from_dict(run["config"])
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts anyway)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
-    model = _build(cfg, loop["num_classes"])
-    state = None
-    ckpt = ray.train.get_checkpoint()  # set when Ray restarts the group after a failure
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-    elif loop.get("resume_from"):
-        state = load_checkpoint(loop["resume_from"])
+    model = _build(cfg, run["num_classes"])
     if state is not None:
         model.backbone.load_state_dict(state["model"])
         model.head.load_state_dict(state["head"])
@@ -114,26 +167,39 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         [p for p in model.parameters() if p.requires_grad], lr=cfg.effective_lr,
         momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
     )
-    first_epoch, end_epoch = loop["first_epoch"], loop["end_epoch"]
+    first_epoch, end_epoch = run["first_epoch"], run["end_epoch"]
     step = 0
+    metrics: dict[str, Any] = {}
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         first_epoch = max(first_epoch, int(state["epoch"]))
         step = int(state["step"])
+        metrics = json.loads(state["metrics"])
 
+    in_loop = bool(run.get("in_loop"))
+    cuts = {e for e, _, refine in plan_phases(0, cfg.optim.epochs, cfg.compat.refine_epochs, cfg.compat.method) if refine}
     prototypes = None
-    if loop.get("prototypes"):
-        prototypes = torch.from_numpy(np.load(loop["prototypes"], allow_pickle=False)).float().to(device)
+    if run.get("prototypes"):
+        prototypes = torch.from_numpy(np.load(run["prototypes"], allow_pickle=False)).float().to(device)
+    elif in_loop and _needs_prototypes(cfg, first_epoch) and first_epoch not in cuts:
+        stored = state.get("prototypes") if state is not None else None
+        if stored is not None:
+            prototypes = stored.float().to(device)  # resumed after a refinement: keep its result
+        elif first_epoch < end_epoch:
+            prototypes = _live_prototypes(cfg, run, model, first_epoch, False, rank, world, device)
     compat = CompatLoss(cfg.compat.method, weight=cfg.compat.weight, l2_margin=cfg.compat.l2_margin,
                         scale=cfg.compat.scale, margin=cfg.compat.margin)
-    steps_per_epoch = loop["steps_per_epoch"]
+    steps_per_epoch = run["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     use_amp = cfg.use_gpu and cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
-    shard = ray.train.get_dataset_shard("train")
     for epoch in range(first_epoch, end_epoch):
+        if in_loop and epoch in cuts:
+            if rank == 0:
+                print(f"[{cfg.name}] epoch {epoch}: new prototypes from the live weights", flush=True)
+            prototypes = _live_prototypes(cfg, run, model, epoch, True, rank, world, device)
         model.train()
         w = compat.weight_at(epoch, cfg.compat.refine_epochs)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, head, compat, images
@@ -173,23 +239,34 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         }
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                inner = _unwrap(model)
-                save_checkpoint(Path(d) / CHECKPOINT_FILE, {
-                    "config": json.dumps(loop["config"]),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "num_classes": loop["num_classes"],
-                    "model": inner.backbone.state_dict(),
-                    "head": inner.head.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "prototypes": prototypes.cpu() if prototypes is not None else None,
-                    "metrics": json.dumps(metrics),
-                })
+                save_checkpoint(Path(d) / CHECKPOINT_FILE,
+                                _payload(run, index, model, optimizer, epoch + 1, step, prototypes, metrics))
                 atomic_write_text(Path(d) / "meta.json", json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
-                _append_metrics(Path(loop["run_dir"]) / "metrics.csv", metrics)
+                _append_metrics(Path(run["run_dir"]) / "metrics.csv", metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+    if in_loop and rank == 0:
+        # The run's result, written where the driver (and any later resume) looks for it.
+        save_checkpoint(Path(run["run_dir"]) / "final.pt",
+                        _payload(run, index, model, optimizer, end_epoch, step, prototypes, metrics))
+
+
+def _payload(run: dict, index: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+             step: int, prototypes: torch.Tensor | None, metrics: dict) -> dict[str, Any]:
+    inner = _unwrap(model)
+    return {
+        "config": json.dumps(run["config"]),
+        "epoch": epoch,
+        "step": step,
+        "num_classes": run["num_classes"],
+        "model": inner.backbone.state_dict(),
+        "head": inner.head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "prototypes": prototypes.cpu() if prototypes is not None else None,
+        "metrics": json.dumps(metrics),
+        "group_index": index,
+    }
 
 
 def _append_metrics(path: Path, metrics: dict) -> None:
@@ -288,7 +365,13 @@ def _ingest_config(reproducible: bool) -> "ray.train.DataConfig":
     return ray.train.DataConfig(execution_options={"train": opts}, enable_shard_locality=not reproducible)
 
 
-def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str) -> Path:
+def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str,
+         tails: list[tuple[Path, str, int]]) -> Path:
+    """One ``TorchTrainer.fit()`` of ``loop`` (storage ``run_dir/phase``) -> its last checkpoint.
+
+    ``tails``: (metrics.csv, run name, epochs) of each run, printed as progress lines."""
+    import contextlib
+
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -309,7 +392,9 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
         dataset_config=_ingest_config(cfg.data.shuffle_buffer == 0),
     )
     try:
-        with _ProgressTail(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs):
+        with contextlib.ExitStack() as stack:
+            for path, name, epochs in tails:
+                stack.enter_context(_ProgressTail(path, name, epochs))
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -377,6 +462,33 @@ def _plan_run(cfg: TrainConfig, resume: str | os.PathLike | None) -> _RunPlan:
     return _RunPlan(cfg, run_dir, start_epoch, resume_from, train_dir, num_classes)
 
 
+def _with_old_features(cfg: TrainConfig, run_dir: Path, train_dir: str) -> str:
+    """Old-model features over the new training set, once per run (or once per old checkpoint
+    and shard set with ``compat.old_features_cache``), keyed by record index -> that shard set."""
+    from unibct_ray.distributed.extract import extract_features
+
+    aug = run_dir / "old_features"
+    if cfg.compat.old_features_cache:
+        aug = Path(cfg.compat.old_features_cache).resolve() / _old_features_key(cfg.compat.old_checkpoint, train_dir)
+    if not (aug / "manifest.json").exists():
+        print(f"[{cfg.name}] extracting old-model features of {train_dir} ({cfg.extract_actors} actors)", flush=True)
+        extract_features(train_dir, aug, checkpoint=Path(cfg.compat.old_checkpoint).resolve(), column=OLD_FEATURE_COLUMN,
+                         keep_images=True, actors=cfg.extract_actors)
+    return str(aug)
+
+
+def _dataset(cfg: TrainConfig, train_dir: str) -> tuple["ray.data.Dataset", int]:
+    """The training dataset of ``train_dir`` and the steps per epoch."""
+    rows = read_manifest(train_dir).rows
+    steps_per_epoch = rows // cfg.global_batch
+    if steps_per_epoch < 1:
+        raise UserError(f"{train_dir}: {rows} rows are fewer than one global batch of {cfg.global_batch}")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch line says enough
+    dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip, cache_bytes=cfg.data.cache_bytes,
+                               seed=cfg.seed, shuffle_blocks=cfg.data.shuffle_buffer > 0)
+    return dataset, steps_per_epoch
+
+
 def check_inputs(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> None:
     """Raise the error ``train(cfg, resume=resume)`` would raise for a bad input, without Ray:
     the CLI calls it before it starts or joins a cluster."""
@@ -399,41 +511,105 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
     train_dir, num_classes, method = run.train_dir, run.num_classes, run.cfg.compat.method
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
-    # Old-model features over the new training set, once per run, keyed by record index.
     if method != "independent":
-        from unibct_ray.distributed.extract import extract_features
-
-        aug = run_dir / "old_features"
-        if cfg.compat.old_features_cache:
-            aug = Path(cfg.compat.old_features_cache).resolve() / _old_features_key(cfg.compat.old_checkpoint, train_dir)
-        if not (aug / "manifest.json").exists():
-            print(f"[{cfg.name}] extracting old-model features of {train_dir} ({cfg.extract_actors} actors)", flush=True)
-            extract_features(train_dir, aug, checkpoint=Path(cfg.compat.old_checkpoint).resolve(), column=OLD_FEATURE_COLUMN,
-                             keep_images=True, actors=cfg.extract_actors)
-        train_dir = str(aug)
-    rows = read_manifest(train_dir).rows
-    steps_per_epoch = rows // cfg.global_batch
-    if steps_per_epoch < 1:
-        raise UserError(f"{train_dir}: {rows} rows are fewer than one global batch of {cfg.global_batch}")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch line says enough
-    dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip, cache_bytes=cfg.data.cache_bytes,
-                               seed=cfg.seed, shuffle_blocks=cfg.data.shuffle_buffer > 0)
+        train_dir = _with_old_features(cfg, run_dir, train_dir)
+    dataset, steps_per_epoch = _dataset(cfg, train_dir)
 
     checkpoint = Path(resume_from) if resume_from else None
     for first, end, refine in plan_phases(start_epoch, cfg.optim.epochs, cfg.compat.refine_epochs, method):
         protos = None
         if method == "bct" or (method == "unibct" and (first >= min(cfg.compat.refine_epochs, default=10**9))):
             protos = build_prototypes(cfg, run_dir, train_dir, num_classes, checkpoint, epoch=first, refine=refine)
-        loop = {
+        run = {
             "config": to_dict(cfg), "num_classes": num_classes, "steps_per_epoch": steps_per_epoch,
-            "first_epoch": first, "end_epoch": end, "run_dir": str(run_dir.resolve()),
+            "first_epoch": first, "end_epoch": end, "run_dir": str(run_dir.resolve()), "train_dir": train_dir,
             "resume_from": str(checkpoint) if checkpoint else None,
             "prototypes": str(Path(protos).resolve()) if protos else None,
         }
-        checkpoint = _fit(cfg, loop, dataset, run_dir, f"epochs-{first:03d}-{end:03d}")
+        checkpoint = _fit(cfg, {"runs": [run]}, dataset, run_dir, f"epochs-{first:03d}-{end:03d}",
+                          [(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs)])
         if on_phase_end is not None:
             on_phase_end(checkpoint, end)
     state = load_checkpoint(checkpoint)
     final = run_dir / "final.pt"
     shutil.copyfile(checkpoint, final)
     return TrainResult(run_dir, final, json.loads(state["metrics"]))
+
+
+# What the runs of one group must share: they read one dataset on one worker group.
+_GROUP_KEYS = ("data", "num_workers", "cpus_per_worker", "use_gpu", "global_batch", "seed", "max_failures",
+               "extract_actors", "refine_actors")
+
+
+def train_group(cfgs: list[TrainConfig], *, resumes: list[str | os.PathLike | None] | None = None) -> list[TrainResult]:
+    """Train several runs over one shard set in a single ``fit()``; returns one result per config.
+
+    Ray Train's fixed cost per ``fit()`` (starting the controller and the worker group, tens
+    of seconds) is paid once instead of once per run and phase: the runs go one after the
+    other inside one worker group, and a UniBCT run refines its prototypes inside the loop
+    (rank 0 drives the feature-extraction and refinement actors between epochs) instead of
+    starting a new ``fit()`` per phase. Each run keeps its own run folder, config.json,
+    metrics.csv and final.pt, as with ``train``; its epoch checkpoints serve the restart after a
+    failed worker and live under ``<storage>/.groups/`` until the group finishes.
+
+    The runs must share the data settings, the worker group and the seed (``_GROUP_KEYS``), and
+    the ones that need old-model features one old checkpoint: they read one dataset (with the
+    old features as a column when any run needs them).
+    """
+    import hashlib
+
+    resumes = list(resumes) if resumes is not None else [None] * len(cfgs)
+    if len(resumes) != len(cfgs):
+        raise ValueError("train_group: one resume entry per config")
+    plans = [_plan_run(c, r) for c, r in zip(cfgs, resumes)]
+    todo = [p for p in plans if p.done is None]
+    if todo:
+        first = to_dict(todo[0].cfg)
+        for p in todo[1:]:
+            other = to_dict(p.cfg)
+            for key in _GROUP_KEYS:
+                if other[key] != first[key]:
+                    raise ConfigError(f"{p.cfg.name}: {key} differs from {todo[0].cfg.name}'s; the runs of one "
+                                      "group share one dataset and worker group (train them separately)")
+        olds = {str(Path(p.cfg.compat.old_checkpoint).resolve()) for p in todo if p.cfg.compat.method != "independent"}
+        if len(olds) > 1:
+            raise ConfigError(f"the runs of one group need one compat.old_checkpoint, got {sorted(olds)}")
+        names = [p.cfg.name for p in todo]
+        if len(set(p.run_dir for p in todo)) != len(todo):
+            raise ConfigError(f"two runs of one group share a run folder: {names}")
+        cfg0 = todo[0].cfg
+        train_dir = todo[0].train_dir
+        for p in todo:
+            if p.resume_from is None:  # a fresh run: nothing left from an attempt that died early
+                for stale in ("metrics.csv", "final.pt"):
+                    (p.run_dir / stale).unlink(missing_ok=True)
+            p.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(p.run_dir / "config.json", json.dumps(to_dict(p.cfg), indent=2) + "\n")
+        needs_old = [p for p in todo if p.cfg.compat.method != "independent"]
+        if needs_old:
+            train_dir = _with_old_features(needs_old[0].cfg, needs_old[0].run_dir, train_dir)
+        dataset, steps_per_epoch = _dataset(cfg0, train_dir)
+        runs = [{
+            "config": to_dict(p.cfg), "num_classes": p.num_classes, "steps_per_epoch": steps_per_epoch,
+            "first_epoch": p.start_epoch, "end_epoch": p.cfg.optim.epochs, "run_dir": str(p.run_dir),
+            "train_dir": train_dir, "resume_from": p.resume_from, "prototypes": None, "in_loop": True,
+            "old_checkpoint": str(Path(p.cfg.compat.old_checkpoint).resolve()) if p.cfg.compat.old_checkpoint else "",
+        } for p in todo]
+        key = hashlib.sha256("\n".join(str(p.run_dir) for p in todo).encode()).hexdigest()[:12]
+        group_dir = (Path(cfg0.storage) / ".groups" / key).resolve()
+        if group_dir.exists():
+            shutil.rmtree(group_dir)  # a failed earlier attempt: its checkpoints belong to no run now
+        print(f"[group] {len(todo)} runs in one Ray Train fit: {', '.join(names)}", flush=True)
+        _fit(cfg0, {"runs": runs}, dataset, group_dir, "runs",
+             [(p.run_dir / "metrics.csv", p.cfg.name, p.cfg.optim.epochs) for p in todo])
+        shutil.rmtree(group_dir, ignore_errors=True)
+    results = []
+    for p in plans:
+        if p.done is not None:
+            results.append(p.done)
+            continue
+        final = p.run_dir / "final.pt"
+        if not final.is_file():
+            raise RuntimeError(f"{p.run_dir}: the group fit finished without final.pt")
+        results.append(TrainResult(p.run_dir, final, json.loads(load_checkpoint(final)["metrics"])))
+    return results
