@@ -222,6 +222,11 @@ def file_key(path: Path) -> str:
 
 @pytest.mark.slow
 def test_eval_killed_after_the_old_model_resumes_from_the_cache(eval_inputs, tmp_path, ray_session, capsys):
+    """Both models are embedded in one pass and their cache files are written one after the
+    other (old first). The driver is SIGKILLed as soon as the old model's file exists: the new
+    model's file may or may not have followed, there is no report. The rerun reuses every cache
+    file that exists (same inode and mtime), writes the missing one, and reports exactly what an
+    uninterrupted evaluation reports."""
     ijbc, old, new = eval_inputs
     assert main(eval_argv(ijbc, old, new, tmp_path / "reference")) == 0  # uninterrupted
     reference = json.loads((tmp_path / "reference" / "report.json").read_text())
@@ -237,18 +242,57 @@ def test_eval_killed_after_the_old_model_resumes_from_the_cache(eval_inputs, tmp
             assert proc.poll() is None, "the evaluation ended before it could be interrupted"
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)  # ... and the driver dies while it embeds the new model
+        proc.send_signal(signal.SIGKILL)  # ... and the driver dies before it reports
     finally:
         proc.kill()
         proc.wait()
-    assert not list((out / "cache").glob(new_glob)) and not (out / "report.json").exists()
+    assert not (out / "report.json").exists()
     [cached] = list((out / "cache").glob(old_glob))
-    before = (cached.stat().st_ino, cached.stat().st_mtime_ns)
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "cache").glob("features-*.npy")}
 
     capsys.readouterr()
     assert main(eval_argv(ijbc, old, new, out)) == 0, capsys.readouterr().err
-    assert (cached.stat().st_ino, cached.stat().st_mtime_ns) == before  # reused, not recomputed
-    assert len(list((out / "cache").glob(new_glob))) == 1
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in before} == before  # reused, not recomputed
+    assert cached in before and len(list((out / "cache").glob(new_glob))) == 1
     report = json.loads((out / "report.json").read_text())
     assert report["verification"] == reference["verification"]
     assert report["identification"] == reference["identification"]
+
+
+@pytest.mark.slow
+def test_several_checkpoints_in_one_pass_match_a_plain_loop(eval_inputs, tmp_path):
+    """``checkpoints_features``: three models (one at another input size) and a repeated one, in
+    one actor-pool pass, each equal to a plain in-process loop (open, align, embed image +
+    mirror); one cache file per distinct checkpoint."""
+    import torch
+    from PIL import Image
+
+    from unibct_ray.checkpoint import build_backbone_from_checkpoint, save_checkpoint
+    from unibct_ray.config import from_dict, to_dict
+    from unibct_ray.data.ijbc import read_ijbc_meta
+    from unibct_ray.data.images import to_tensor_layout
+    from unibct_ray.data.landmarks import align_face
+    from unibct_ray.distributed.evaluate import checkpoints_features
+    from unibct_ray.models.iresnet import build_backbone
+
+    ijbc, old, new = eval_inputs
+    torch.manual_seed(3)
+    cfg48 = from_dict({"model": {"backbone": "tiny", "embedding_size": 16}, "data": {"image_size": 48}})
+    big = save_checkpoint(tmp_path / "big.pt", {"config": json.dumps(to_dict(cfg48)), "epoch": 1, "step": 1,
+                                                "model": build_backbone("tiny", 16, 48).state_dict()})
+    meta = read_ijbc_meta(ijbc)
+    got = checkpoints_features(meta, [old, big, new, old], tmp_path / "cache", actors=2)
+    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 3
+    np.testing.assert_array_equal(got[0], got[3])
+    for ckpt, feats in zip([old, big, new], got):
+        model, cfg, _ = build_backbone_from_checkpoint(ckpt)
+        size = cfg.data.image_size
+        crops = []
+        for name, lm in zip(meta.image_names, meta.landmarks):
+            with Image.open(meta.root / "loose_crop" / name) as im:
+                crops.append(align_face(np.asarray(im.convert("RGB")), np.asarray(lm, np.float32).reshape(5, 2), size))
+        x = torch.from_numpy(to_tensor_layout(np.stack(crops)))
+        with torch.inference_mode():
+            ref = (model(x) + model(torch.flip(x, dims=[3]))).numpy()
+        assert feats.shape == ref.shape
+        np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5)
