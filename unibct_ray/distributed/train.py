@@ -121,9 +121,9 @@ def _needs_prototypes(cfg: TrainConfig, epoch: int) -> bool:
 def _live_prototypes(cfg: TrainConfig, run: dict, model: torch.nn.Module, epoch: int, refine: bool,
                      rank: int, world: int, device: torch.device) -> torch.Tensor:
     """Prototypes for ``epoch`` built inside the loop: rank 0 builds, every rank loads."""
-    from unibct_ray.distributed.prototypes import build_prototypes
-
     from dataclasses import replace
+
+    from unibct_ray.distributed.prototypes import build_prototypes
 
     path = Path(run["run_dir"]) / f"prototypes-epoch{epoch:03d}.npy"
     if rank == 0:
