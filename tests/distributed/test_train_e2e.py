@@ -236,13 +236,17 @@ def test_group_matches_separate_runs_through_a_killed_worker(workspace, monkeypa
     """``train_group``: two runs in one fit, each refining its prototypes inside the loop (rank 0
     drives the extraction and refinement actors while rank 1 waits), and a worker killed in the
     second run. Both must end exactly where the separate run ends: ``new-unibct-killed-ref`` (left
-    by the test above) was resumed from its epoch-1 state with ``train``, one fit per phase and
-    the refinement in the driver. Both group runs resume from that same epoch-1 state."""
+    by the test above; trained here when this test runs alone) went from its epoch-1 state on
+    with ``train``, one fit per phase and the refinement in the driver. Both group runs resume
+    from that same epoch-1 state."""
     from ray import cloudpickle
 
     from unibct_ray.distributed.train import train_group
 
     ref = workspace / "runs" / "new-unibct-killed-ref"
+    if not (ref / "final.pt").exists():  # this test run alone: a phased run of the same recipe
+        ref = train(cfg_for(workspace, "new-unibct-phased", "new", "unibct", flip=False, shuffle_buffer=0,
+                            **UNIBCT)).run_dir
     dirs = []
     for i in range(2):
         d = workspace / "runs" / f"new-unibct-group-{i}"
