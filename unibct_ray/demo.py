@@ -86,49 +86,48 @@ def _same_config(run_dir: Path, cfg_dict: dict) -> bool:
     return stored == json.loads(json.dumps(cfg_dict))
 
 
-def _train_or_reuse(cfg: Any) -> Path:
-    """Train ``cfg``; reuse a finished run of the same config, resume an interrupted one."""
+def _existing_run(cfg: Any) -> tuple[Path | None, Path | None]:
+    """(finished ``final.pt``, run folder to resume) of a run of the same config under its name.
+
+    A folder holding another recipe, or nothing usable, is removed: the run starts over.
+    """
     from unibct_ray.checkpoint import find_latest_checkpoint
     from unibct_ray.config import to_dict
-    from unibct_ray.distributed.train import train
 
     run_dir = (Path(cfg.storage) / cfg.name).resolve()
-    if run_dir.exists():
-        if _same_config(run_dir, to_dict(cfg)):
-            if (run_dir / "final.pt").is_file():
-                _say(f"    {cfg.name}: reusing the finished run in {run_dir}")
-                return run_dir / "final.pt"
-            if find_latest_checkpoint(run_dir) is not None:
-                _say(f"    {cfg.name}: resuming the interrupted run in {run_dir}")
-                return train(cfg, resume=run_dir).checkpoint
-        shutil.rmtree(run_dir)  # another recipe (or nothing usable) under this name: start over
-    return train(cfg).checkpoint
+    if not run_dir.exists():
+        return None, None
+    if _same_config(run_dir, to_dict(cfg)):
+        if (run_dir / "final.pt").is_file():
+            _say(f"    {cfg.name}: reusing the finished run in {run_dir}")
+            return run_dir / "final.pt", None
+        if find_latest_checkpoint(run_dir) is not None:
+            _say(f"    {cfg.name}: resuming the interrupted run in {run_dir}")
+            return None, run_dir
+    shutil.rmtree(run_dir)
+    return None, None
+
+
+def _train_or_reuse(cfg: Any) -> Path:
+    """Train ``cfg``; reuse a finished run of the same config, resume an interrupted one."""
+    from unibct_ray.distributed.train import train
+
+    final, resume = _existing_run(cfg)
+    return final if final is not None else train(cfg, resume=resume).checkpoint
 
 
 def _train_or_reuse_group(cfgs: list[Any]) -> list[Path]:
     """``_train_or_reuse`` for several runs: whatever is left to train goes into one fit."""
-    from unibct_ray.checkpoint import find_latest_checkpoint
-    from unibct_ray.config import to_dict
     from unibct_ray.distributed.train import train_group
 
-    out: list[Path | None] = [None] * len(cfgs)
+    out: list[Path | None] = []
     todo, resumes = [], []
     for i, cfg in enumerate(cfgs):
-        run_dir = (Path(cfg.storage) / cfg.name).resolve()
-        resume = None
-        if run_dir.exists():
-            if _same_config(run_dir, to_dict(cfg)):
-                if (run_dir / "final.pt").is_file():
-                    _say(f"    {cfg.name}: reusing the finished run in {run_dir}")
-                    out[i] = run_dir / "final.pt"
-                    continue
-                if find_latest_checkpoint(run_dir) is not None:
-                    _say(f"    {cfg.name}: resuming the interrupted run in {run_dir}")
-                    resume = run_dir
-            if resume is None:
-                shutil.rmtree(run_dir)  # another recipe (or nothing usable) under this name: start over
-        todo.append(i)
-        resumes.append(resume)
+        final, resume = _existing_run(cfg)
+        out.append(final)
+        if final is None:
+            todo.append(i)
+            resumes.append(resume)
     if todo:
         for i, r in zip(todo, train_group([cfgs[i] for i in todo], resumes=resumes)):
             out[i] = r.checkpoint

@@ -518,7 +518,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
     checkpoint = Path(resume_from) if resume_from else None
     for first, end, refine in plan_phases(start_epoch, cfg.optim.epochs, cfg.compat.refine_epochs, method):
         protos = None
-        if method == "bct" or (method == "unibct" and (first >= min(cfg.compat.refine_epochs, default=10**9))):
+        if _needs_prototypes(cfg, first):
             protos = build_prototypes(cfg, run_dir, train_dir, num_classes, checkpoint, epoch=first, refine=refine)
         run = {
             "config": to_dict(cfg), "num_classes": num_classes, "steps_per_epoch": steps_per_epoch,
