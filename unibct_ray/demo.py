@@ -56,8 +56,8 @@ MARKER = ".unibct-demo"
 class DemoPlan:
     """Sizes of one demo run (the full default or ``--quick``)."""
 
-    identities: int = 100
-    images_per_identity: int = 30
+    identities: int = 1000
+    images_per_identity: int = 5
     image_size: int = 32
     eval_identities: int = 100
     epochs: int | None = None         # None: the configs' own
