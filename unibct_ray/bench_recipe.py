@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
@@ -37,6 +38,10 @@ import torch.nn.functional as F
 __all__ = ["render_set", "tar_at_far", "train_model", "probe", "main"]
 
 METHODS = ("independent", "l2", "bct", "unibct")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _render_identity(job: tuple[int, int, int, int, float, int]) -> np.ndarray:
@@ -96,7 +101,8 @@ def train_model(x: np.ndarray, y: np.ndarray, *, embedding_size: int = 128, epoc
                 method: str = "independent", weight: float = 1.0, scale: float = 30.0, margin: float = 0.0,
                 refine_epochs: Sequence[int] = (), old_features: torch.Tensor | None = None,
                 lr: float = 0.1, batch: int = 64, warmup_epochs: float = 1.0, poly_power: float = 2.0,
-                head_scale: float = 32.0, head_margin: float = 0.3, log=print) -> torch.nn.Module:
+                head_scale: float = 32.0, head_margin: float = 0.3, name: str | None = None,
+                log=_say) -> torch.nn.Module:
     """One model, one process: tiny iresnet + ArcFace, SGD, poly decay, random flips.
 
     ``old_features``: normalised old-model features of ``x`` (l2, bct, unibct).
@@ -146,7 +152,7 @@ def train_model(x: np.ndarray, y: np.ndarray, *, embedding_size: int = 128, epoc
             opt.step()
             step += 1
             sums += (float(ce), float(comp))
-        log(f"  [{method}] epoch {epoch}/{epochs}  head {sums[0] / per_epoch:.3f}  compat {sums[1] / per_epoch:.3f}")
+        log(f"  [{name or method}] epoch {epoch}/{epochs}  head {sums[0] / per_epoch:.3f}  compat {sums[1] / per_epoch:.3f}")
     return model
 
 
@@ -154,7 +160,7 @@ def probe(*, identities: int = 1000, images_per_identity: int = 5, ratio: float 
           embedding_size: int = 128, epochs: int = 12, methods: Sequence[str] = ("independent", "unibct"),
           weight: float = 3.0, scale: float = 30.0, margin: float = 0.2, refine_epochs: Sequence[int] = (2, 6),
           warmup_epochs: float = 1.0, eval_identities: int = 60, eval_images: int = 8, seed: int = 0,
-          processes: int = 2, log=print) -> dict:
+          processes: int = 2, log=_say) -> dict:
     """Old model + one new model per method (open-class split) -> TAR@FAR=1e-3 per test."""
     for m in methods:
         if m not in METHODS:
@@ -166,7 +172,7 @@ def probe(*, identities: int = 1000, images_per_identity: int = 5, ratio: float 
     n_old = round(identities * ratio)
     old_rows = y < n_old
     common = dict(embedding_size=embedding_size, epochs=epochs, warmup_epochs=warmup_epochs, log=log)
-    old = train_model(x[old_rows], y[old_rows], seed=seed, **common)
+    old = train_model(x[old_rows], y[old_rows], seed=seed, name="old", **common)
     e_old = _embed(old, xe)
     xn, yn = x[~old_rows], y[~old_rows] - n_old
     of = _embed(old, xn)
