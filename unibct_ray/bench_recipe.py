@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["render_set", "tar_at_far", "train_model", "probe", "main"]
+__all__ = ["render_set", "pair_tar", "train_model", "probe", "main"]
 
 METHODS = ("independent", "l2", "bct", "unibct")
 
@@ -81,20 +81,19 @@ def _embed(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
     return torch.cat([F.normalize(model(_tensor(x[i:i + 256])), dim=1) for i in range(0, len(x), 256)])
 
 
-def tar_at_far(a: torch.Tensor, b: torch.Tensor, labels: np.ndarray, far: float = 1e-3) -> float:
-    """TAR at the score threshold that lets through ``far`` of the impostor pairs.
+def pair_tar(a: torch.Tensor, b: torch.Tensor, labels: np.ndarray, far: float = 1e-3) -> float:
+    """TAR@FAR over every ordered image pair ``(i, j), i != j``, scored ``a_i . b_j``.
 
-    Every ordered pair ``(i, j), i != j`` scored ``a_i . b_j``; genuine = same label. The
-    threshold is the ``max(floor(N_imp * far) - 1, 0)``-th highest impostor score (the
-    verification protocol's rule) and a genuine pair counts when strictly above it.
+    Genuine = same label. The TAR rule is the evaluator's
+    (:func:`unibct_ray.metrics.verification.tar_at_far`: the ROC point with FPR nearest to
+    ``far``), so the probe and the demo's IJB-C figures read the ROC the same way.
     """
-    s = (a @ b.T).numpy()
+    from unibct_ray.metrics.verification import rate_key, tar_at_far
+
+    s = (a @ b.T).numpy().astype(np.float64)
     off = ~np.eye(len(labels), dtype=bool)
     same = (labels[:, None] == labels[None, :])[off]
-    s = s[off]
-    imp = np.sort(s[~same])[::-1]
-    thr = imp[max(int(len(imp) * far) - 1, 0)]
-    return float((s[same] > thr).mean())
+    return float(tar_at_far(s[off], same.astype(np.int64), fars=(far,))[rate_key(far)])
 
 
 def train_model(x: np.ndarray, y: np.ndarray, *, embedding_size: int = 128, epochs: int = 12, seed: int = 0,
@@ -181,12 +180,12 @@ def probe(*, identities: int = 1000, images_per_identity: int = 5, ratio: float 
                                   weight=weight, scale=scale, margin=margin, refine_epochs=list(refine_epochs),
                                   warmup_epochs=warmup_epochs, eval_identities=eval_identities,
                                   eval_images=eval_images, seed=seed),
-                 "self_old": tar_at_far(e_old, e_old, ye)}
+                 "self_old": pair_tar(e_old, e_old, ye)}
     for m in methods:
         new = train_model(xn, yn, seed=seed + 1, method=m, weight=weight, scale=scale, margin=margin,
                           refine_epochs=refine_epochs, old_features=of, **common)
         e_new = _embed(new, xe)
-        out[m] = {"self_new": tar_at_far(e_new, e_new, ye), "cross": tar_at_far(e_new, e_old, ye)}
+        out[m] = {"self_new": pair_tar(e_new, e_new, ye), "cross": pair_tar(e_new, e_old, ye)}
         log(f"{m}: self_old {out['self_old']:.3f}  self_new {out[m]['self_new']:.3f}  cross {out[m]['cross']:.3f}")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
