@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unibct_ray.metrics.verification import rate_key, tar_at_far
+
 __all__ = ["render_set", "pair_tar", "train_model", "probe", "main"]
 
 METHODS = ("independent", "l2", "bct", "unibct")
@@ -88,8 +90,6 @@ def pair_tar(a: torch.Tensor, b: torch.Tensor, labels: np.ndarray, far: float = 
     (:func:`unibct_ray.metrics.verification.tar_at_far`: the ROC point with FPR nearest to
     ``far``), so the probe and the demo's IJB-C figures read the ROC the same way.
     """
-    from unibct_ray.metrics.verification import rate_key, tar_at_far
-
     s = (a @ b.T).numpy().astype(np.float64)
     off = ~np.eye(len(labels), dtype=bool)
     same = (labels[:, None] == labels[None, :])[off]
