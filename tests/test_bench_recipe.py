@@ -45,7 +45,21 @@ def test_tiny_probe_runs_every_method():
     res = probe(identities=10, images_per_identity=4, epochs=2, methods=("independent", "l2", "bct", "unibct"),
                 refine_epochs=(2,), eval_identities=4, eval_images=3, processes=1, log=lambda _: None)
     assert res["settings"]["identities"] == 10 and res["settings"]["refine_epochs"] == [2]
+    assert res["settings"]["scenario"] == "open-class"
     for m in ("independent", "l2", "bct", "unibct"):
         assert set(res[m]) == {"self_new", "cross"}
         assert all(0.0 <= v <= 1.0 for v in res[m].values())
     assert 0.0 <= res["self_old"] <= 1.0
+
+
+def test_probe_splits_by_the_scenario():
+    """open-data: old model on the first round(0.3 * 10) = 3 images of all 6 identities, new on the other 7."""
+    said = []
+    res = probe(scenario="open-data", identities=6, images_per_identity=10, epochs=1, methods=("unibct",),
+                refine_epochs=(1,), eval_identities=3, eval_images=3, processes=1, log=said.append)
+    assert res["settings"]["scenario"] == "open-data"
+    assert "open-data: old model on 18 images of 6 identities, new models on 42 of 6" in said
+    said.clear()
+    probe(scenario="extended-class", identities=10, images_per_identity=2, epochs=1, methods=("independent",),
+          eval_identities=3, eval_images=3, processes=1, log=said.append)
+    assert "extended-class: old model on 6 images of 3 identities, new models on 20 of 10" in said

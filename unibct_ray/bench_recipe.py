@@ -1,11 +1,12 @@
 """A fast in-process probe of the synthetic training recipe (no Ray, no files).
 
 ``python -m unibct_ray.bench_recipe --identities 1000 --images-per-identity 5 --methods independent unibct``
-renders synthetic faces straight into memory, trains the old model on the first
-``round(ratio * identities)`` identities and one new model per method on the others (the
-open-class split), all in this process with this package's backbone, margin head,
-compatibility losses and refinement, and prints TAR@FAR=1e-3 for self_old, self_new and cross
-on held-out identities.
+renders synthetic faces straight into memory, trains the old model and one new model per
+method on the two sides of ``--scenario``'s split (default open-class: the old model on the
+first ``round(ratio * identities)`` identities, the new ones on the others; the data splits
+share out each identity's images by the rule of ``unibct-ray data split``), all in this
+process with this package's backbone, margin head, compatibility losses and refinement, and
+prints TAR@FAR=1e-3 for self_old, self_new and cross on held-out identities.
 
 It answers "does this recipe make the new model compatible?" in about a minute per model
 on 2 cores, where a demo run takes ten. It is a probe, not the benchmark: the test set is
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unibct_ray.data.splits import SCENARIOS
 from unibct_ray.metrics.verification import rate_key, tar_at_far
 
 __all__ = ["render_set", "pair_tar", "train_model", "probe", "main"]
@@ -155,12 +157,14 @@ def train_model(x: np.ndarray, y: np.ndarray, *, embedding_size: int = 128, epoc
     return model
 
 
-def probe(*, identities: int = 1000, images_per_identity: int = 5, ratio: float = 0.3, strength: float = 1.0,
-          embedding_size: int = 128, epochs: int = 12, methods: Sequence[str] = ("independent", "unibct"),
+def probe(*, scenario: str = "open-class", identities: int = 1000, images_per_identity: int = 5, ratio: float = 0.3,
+          strength: float = 1.0, embedding_size: int = 128, epochs: int = 12, methods: Sequence[str] = ("independent", "unibct"),
           weight: float = 3.0, scale: float = 30.0, margin: float = 0.2, refine_epochs: Sequence[int] = (2, 6),
           warmup_epochs: float = 1.0, eval_identities: int = 60, eval_images: int = 8, seed: int = 0,
           processes: int = 2, log=_say) -> dict:
-    """Old model + one new model per method (open-class split) -> TAR@FAR=1e-3 per test."""
+    """Old model + one new model per method (``scenario``'s split) -> TAR@FAR=1e-3 per test."""
+    from unibct_ray.data.splits import contiguous_labels, scenario_masks
+
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; valid choices: {', '.join(METHODS)}")
@@ -168,15 +172,18 @@ def probe(*, identities: int = 1000, images_per_identity: int = 5, ratio: float 
     x, y = render_set(seed, range(identities), images_per_identity, 1, strength, processes=processes)
     xe, ye = render_set(seed, range(10 ** 6, 10 ** 6 + eval_identities), eval_images, 2, strength,
                         processes=processes)
-    n_old = round(identities * ratio)
-    old_rows = y < n_old
+    # the package's split rule, as `unibct-ray data split` applies it (records in class order)
+    masks = scenario_masks(scenario, y, np.arange(len(y)), ratio)
+    yo, _ = contiguous_labels(y[masks.old])
     common = dict(embedding_size=embedding_size, epochs=epochs, warmup_epochs=warmup_epochs, log=log)
-    old = train_model(x[old_rows], y[old_rows], seed=seed, name="old", **common)
+    old = train_model(x[masks.old], yo, seed=seed, name="old", **common)
     e_old = _embed(old, xe)
-    xn, yn = x[~old_rows], y[~old_rows] - n_old
+    xn, (yn, _) = x[masks.new], contiguous_labels(y[masks.new])
+    log(f"{scenario}: old model on {int(masks.old.sum())} images of {int(yo.max()) + 1} identities, "
+        f"new models on {len(xn)} of {int(yn.max()) + 1}")
     of = _embed(old, xn)
-    out: dict = {"settings": dict(identities=identities, images_per_identity=images_per_identity, ratio=ratio,
-                                  strength=strength, embedding_size=embedding_size, epochs=epochs,
+    out: dict = {"settings": dict(scenario=scenario, identities=identities, images_per_identity=images_per_identity,
+                                  ratio=ratio, strength=strength, embedding_size=embedding_size, epochs=epochs,
                                   weight=weight, scale=scale, margin=margin, refine_epochs=list(refine_epochs),
                                   warmup_epochs=warmup_epochs, eval_identities=eval_identities,
                                   eval_images=eval_images, seed=seed),
@@ -194,9 +201,12 @@ def probe(*, identities: int = 1000, images_per_identity: int = 5, ratio: float 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m unibct_ray.bench_recipe",
                                  description=__doc__.split("\n\n")[0] + " Prints JSON.")
+    ap.add_argument("--scenario", default="open-class", choices=SCENARIOS,
+                    help="upgrade scenario: which images the old and the new models train on (default open-class)")
     ap.add_argument("--identities", type=int, default=1000, help="training identities (default 1000)")
     ap.add_argument("--images-per-identity", type=int, default=5, help="images of each (default 5)")
-    ap.add_argument("--ratio", type=float, default=0.3, help="share of identities the old model trains on")
+    ap.add_argument("--ratio", type=float, default=0.3,
+                    help="split ratio r: the old model's share of identities (class split) or of each identity's images (data split)")
     ap.add_argument("--strength", type=float, default=1.0, help="nuisance strength of the faces (default 1)")
     ap.add_argument("--embedding-size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=12)
@@ -211,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    res = probe(identities=a.identities, images_per_identity=a.images_per_identity, ratio=a.ratio,
+    res = probe(scenario=a.scenario, identities=a.identities, images_per_identity=a.images_per_identity, ratio=a.ratio,
                 strength=a.strength, embedding_size=a.embedding_size, epochs=a.epochs, methods=a.methods,
                 weight=a.weight, scale=a.scale, margin=a.margin, refine_epochs=a.refine_epochs,
                 warmup_epochs=a.warmup_epochs, eval_identities=a.eval_identities, eval_images=a.eval_images,
