@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from unibct_ray.demo import aggregate, demo_checks
+from unibct_ray.data.synth import SynthSpec, class_sizes
+from unibct_ray.demo import SCENARIOS, aggregate, demo_checks, demo_plan
 
 FARS = ["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"]
 
@@ -25,6 +26,22 @@ def test_checks_and_aggregate_against_hand_values():
     seeds = [{"open-class": {"unibct": _report(0.4, 0.5, x)}} for x in (0.3, 0.5, 0.7)]
     row = aggregate(seeds)[2]
     assert row == "| open-class | unibct | 3 | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.200 | 2/3 |"
+
+
+def test_every_default_plan_leaves_the_old_model_several_images_per_identity():
+    """A data split of 1,000 identities x 2-8 images left the old model 1-2 of each (near chance)."""
+    budgets = []
+    for sc in SCENARIOS:
+        plan = demo_plan(False, sc)
+        sizes = class_sizes(SynthSpec(identities=plan.identities, images_per_identity=plan.images_per_identity, seed=0))
+        if sc in ("open-data", "extended-data"):  # the first round(r * n) images of every identity (at least one)
+            old = [max(1, round(plan.split_ratio * int(n))) for n in sizes]
+        else:  # every image of the first round(r * C) identities
+            old = [int(n) for n in sizes[:round(plan.split_ratio * len(sizes))]]
+        assert min(old) >= 2 and np.mean(old) >= 4.5, (sc, min(old), np.mean(old))
+        budgets.append(int(sizes.sum()))
+    # about the same number of training images everywhere: the same training time per scenario
+    assert max(budgets) < 1.1 * min(budgets), budgets
 
 
 # Two of the four default methods keep the suite's time down: each training run costs ~30 s of

@@ -42,9 +42,10 @@ from unibct_ray.data.shards import (
 )
 from unibct_ray.errors import UserError
 
-__all__ = ["SCENARIOS", "SplitMasks", "class_split", "data_split", "scenario_masks", "contiguous_labels", "split_shards"]
+__all__ = ["SCENARIOS", "DATA_SPLIT_SCENARIOS", "SplitMasks", "class_split", "data_split", "scenario_masks", "contiguous_labels", "split_shards"]
 
 SCENARIOS = ("extended-data", "extended-class", "open-data", "open-class")
+DATA_SPLIT_SCENARIOS = ("extended-data", "open-data")  # the old model sees a share of every identity's images
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def data_split(labels: np.ndarray, order_key: np.ndarray, ratio: float) -> tuple
 def scenario_masks(scenario: str, labels: np.ndarray, order_key: np.ndarray, ratio: float) -> SplitMasks:
     """Old/new training rows for one of ``SCENARIOS``."""
     everything = np.ones(len(labels), bool)
-    if scenario in ("extended-data", "open-data"):
+    if scenario in DATA_SPLIT_SCENARIOS:
         data_r, data_rest = data_split(labels, order_key, ratio)
         return SplitMasks(data_r, everything if scenario == "extended-data" else data_rest)
     if scenario in ("extended-class", "open-class"):
