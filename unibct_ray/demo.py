@@ -73,8 +73,9 @@ def demo_plan(quick: bool, scenario: str = "open-class") -> DemoPlan:
     A data split gives the old model the first ``round(r * n)`` images of each identity, so
     1,000 identities x 2-8 images leave it 1-2 images per identity: too few to learn what
     varies within an identity, and the old model ends near chance (README "The demo"). The
-    data-split scenarios therefore render about as many images over fewer identities: 150 x
-    16-50, which leaves the old model 5-15 images of each.
+    data-split scenarios therefore render about as many images over fewer identities: 300 x
+    8-26, which leaves the old model 2-8 images of each (5 on average, as many as the
+    class splits' old model has) and the new models 300 identities to align.
     """
     if quick:
         return DemoPlan(identities=40, images_per_identity=12, eval_identities=40, epochs=3,
@@ -82,7 +83,7 @@ def demo_plan(quick: bool, scenario: str = "open-class") -> DemoPlan:
     from unibct_ray.data.splits import DATA_SPLIT_SCENARIOS
 
     if scenario in DATA_SPLIT_SCENARIOS:
-        return DemoPlan(identities=150, images_per_identity=33)
+        return DemoPlan(identities=300, images_per_identity=17)
     return DemoPlan()
 
 
