@@ -365,7 +365,7 @@ def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: b
     header = [f"# unibct-ray demo ({'quick, ' if quick else ''}seed {seed})", "",
               *[f"Synthetic data, {sc}: {asdict(plans[sc])}." for sc in scenarios], "",
               f"TAR at FAR={DEMO_FAR} on the synthetic IJB-C (1:1); cross = old gallery/enrolment vs new probe. "
-              "Intervals: 95% subject bootstrap of the difference." if plan.bootstrap else
+              "Intervals: 95% subject bootstrap of the difference." if any(p.bootstrap for p in plans.values()) else
               f"TAR at FAR={DEMO_FAR} on the synthetic IJB-C (1:1); bootstrap off (--quick).", "",
               "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "."]
     md = write_summary(out, summary, header)
