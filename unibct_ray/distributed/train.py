@@ -29,7 +29,7 @@ import torch
 from unibct_ray.checkpoint import CHECKPOINT_FILE, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from unibct_ray.config import TrainConfig, from_dict, to_dict
 from unibct_ray.data.shards import atomic_write_text, read_manifest
-from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, training_dataset
+from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, epoch_clock, set_epoch_clock, training_dataset
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
 
 __all__ = ["train", "train_group", "check_inputs", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
@@ -208,6 +208,10 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
         # Seeded per (seed, epoch, rank): every epoch a new order.
         shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer,
                    "local_shuffle_seed": (cfg.seed * 100_003 + epoch) * 1_009 + rank} if cfg.data.shuffle_buffer > 0 else {}
+        if rank == 0 and run.get("epoch_clock"):
+            # Before this rank asks for the epoch's data, which Ray Data starts only when every
+            # rank has asked: every decode task of the epoch reads this epoch for its flips.
+            set_epoch_clock(run["epoch_clock"], epoch)
         for batch in shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True, device=device,
                                               **shuffle):
             if n_steps >= steps_per_epoch:
@@ -477,15 +481,16 @@ def _with_old_features(cfg: TrainConfig, run_dir: Path, train_dir: str) -> str:
     return str(aug)
 
 
-def _dataset(cfg: TrainConfig, train_dir: str) -> tuple["ray.data.Dataset", int]:
-    """The training dataset of ``train_dir`` and the steps per epoch."""
+def _dataset(cfg: TrainConfig, train_dir: str, clock: str | None) -> tuple["ray.data.Dataset", int]:
+    """The training dataset of ``train_dir`` (flips seeded by ``cfg.seed`` and the epoch on
+    ``clock``) and the steps per epoch."""
     rows = read_manifest(train_dir).rows
     steps_per_epoch = rows // cfg.global_batch
     if steps_per_epoch < 1:
         raise UserError(f"{train_dir}: {rows} rows are fewer than one global batch of {cfg.global_batch}")
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch line says enough
     dataset = training_dataset(train_dir, cfg.data.image_size, cfg.data.flip, cache_bytes=cfg.data.cache_bytes,
-                               seed=cfg.seed, shuffle_blocks=cfg.data.shuffle_buffer > 0)
+                               seed=cfg.seed, shuffle_blocks=cfg.data.shuffle_buffer > 0, clock=clock)
     return dataset, steps_per_epoch
 
 
@@ -513,23 +518,23 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
     if method != "independent":
         train_dir = _with_old_features(cfg, run_dir, train_dir)
-    dataset, steps_per_epoch = _dataset(cfg, train_dir)
-
     checkpoint = Path(resume_from) if resume_from else None
-    for first, end, refine in plan_phases(start_epoch, cfg.optim.epochs, cfg.compat.refine_epochs, method):
-        protos = None
-        if _needs_prototypes(cfg, first):
-            protos = build_prototypes(cfg, run_dir, train_dir, num_classes, checkpoint, epoch=first, refine=refine)
-        run = {
-            "config": to_dict(cfg), "num_classes": num_classes, "steps_per_epoch": steps_per_epoch,
-            "first_epoch": first, "end_epoch": end, "run_dir": str(run_dir.resolve()), "train_dir": train_dir,
-            "resume_from": str(checkpoint) if checkpoint else None,
-            "prototypes": str(Path(protos).resolve()) if protos else None,
-        }
-        checkpoint = _fit(cfg, {"runs": [run]}, dataset, run_dir, f"epochs-{first:03d}-{end:03d}",
-                          [(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs)])
-        if on_phase_end is not None:
-            on_phase_end(checkpoint, end)
+    with epoch_clock() as clock:
+        dataset, steps_per_epoch = _dataset(cfg, train_dir, clock)
+        for first, end, refine in plan_phases(start_epoch, cfg.optim.epochs, cfg.compat.refine_epochs, method):
+            protos = None
+            if _needs_prototypes(cfg, first):
+                protos = build_prototypes(cfg, run_dir, train_dir, num_classes, checkpoint, epoch=first, refine=refine)
+            run = {
+                "config": to_dict(cfg), "num_classes": num_classes, "steps_per_epoch": steps_per_epoch,
+                "first_epoch": first, "end_epoch": end, "run_dir": str(run_dir.resolve()), "train_dir": train_dir,
+                "resume_from": str(checkpoint) if checkpoint else None,
+                "prototypes": str(Path(protos).resolve()) if protos else None, "epoch_clock": clock,
+            }
+            checkpoint = _fit(cfg, {"runs": [run]}, dataset, run_dir, f"epochs-{first:03d}-{end:03d}",
+                              [(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs)])
+            if on_phase_end is not None:
+                on_phase_end(checkpoint, end)
     state = load_checkpoint(checkpoint)
     final = run_dir / "final.pt"
     shutil.copyfile(checkpoint, final)
@@ -588,20 +593,22 @@ def train_group(cfgs: list[TrainConfig], *, resumes: list[str | os.PathLike | No
         needs_old = [p for p in todo if p.cfg.compat.method != "independent"]
         if needs_old:
             train_dir = _with_old_features(needs_old[0].cfg, needs_old[0].run_dir, train_dir)
-        dataset, steps_per_epoch = _dataset(cfg0, train_dir)
-        runs = [{
-            "config": to_dict(p.cfg), "num_classes": p.num_classes, "steps_per_epoch": steps_per_epoch,
-            "first_epoch": p.start_epoch, "end_epoch": p.cfg.optim.epochs, "run_dir": str(p.run_dir),
-            "train_dir": train_dir, "resume_from": p.resume_from, "prototypes": None, "in_loop": True,
-            "old_checkpoint": str(Path(p.cfg.compat.old_checkpoint).resolve()) if p.cfg.compat.old_checkpoint else "",
-        } for p in todo]
-        key = hashlib.sha256("\n".join(str(p.run_dir) for p in todo).encode()).hexdigest()[:12]
-        group_dir = (Path(cfg0.storage) / ".groups" / key).resolve()
-        if group_dir.exists():
-            shutil.rmtree(group_dir)  # a failed earlier attempt: its checkpoints belong to no run now
-        print(f"[group] {len(todo)} runs in one Ray Train fit: {', '.join(names)}", flush=True)
-        _fit(cfg0, {"runs": runs}, dataset, group_dir, "runs",
-             [(p.run_dir / "metrics.csv", p.cfg.name, p.cfg.optim.epochs) for p in todo])
+        with epoch_clock() as clock:
+            dataset, steps_per_epoch = _dataset(cfg0, train_dir, clock)
+            runs = [{
+                "config": to_dict(p.cfg), "num_classes": p.num_classes, "steps_per_epoch": steps_per_epoch,
+                "first_epoch": p.start_epoch, "end_epoch": p.cfg.optim.epochs, "run_dir": str(p.run_dir),
+                "train_dir": train_dir, "resume_from": p.resume_from, "prototypes": None, "in_loop": True,
+                "epoch_clock": clock,
+                "old_checkpoint": str(Path(p.cfg.compat.old_checkpoint).resolve()) if p.cfg.compat.old_checkpoint else "",
+            } for p in todo]
+            key = hashlib.sha256("\n".join(str(p.run_dir) for p in todo).encode()).hexdigest()[:12]
+            group_dir = (Path(cfg0.storage) / ".groups" / key).resolve()
+            if group_dir.exists():
+                shutil.rmtree(group_dir)  # a failed earlier attempt: its checkpoints belong to no run now
+            print(f"[group] {len(todo)} runs in one Ray Train fit: {', '.join(names)}", flush=True)
+            _fit(cfg0, {"runs": runs}, dataset, group_dir, "runs",
+                 [(p.run_dir / "metrics.csv", p.cfg.name, p.cfg.optim.epochs) for p in todo])
         shutil.rmtree(group_dir, ignore_errors=True)
     results = []
     for p in plans:
