@@ -14,6 +14,7 @@ flips an uninterrupted run saw there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import uuid
 from typing import Iterator
@@ -99,13 +100,10 @@ def epoch_clock() -> Iterator[str]:
         ray.kill(actor)
 
 
-_CLOCKS: dict[str, "ray.actor.ActorHandle"] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _clock(name: str) -> "ray.actor.ActorHandle":
-    if name not in _CLOCKS:
-        _CLOCKS[name] = ray.get_actor(name)
-    return _CLOCKS[name]
+    """The clock's handle, looked up once per process (a decode task runs once per batch)."""
+    return ray.get_actor(name)
 
 
 def set_epoch_clock(name: str, epoch: int) -> None:
