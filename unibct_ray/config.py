@@ -111,6 +111,13 @@ class TrainConfig:
     max_failures: int = 2         # worker failures survived (restart from the last checkpoint)
     extract_actors: int = 2       # actor pool size for feature extraction
     refine_actors: int = 2        # actors sharing the per-class refinement
+    # Inference (old features, refinement features) and refinement placement. With use_gpu, each
+    # extraction/refinement actor takes a fractional GPU share and every train worker takes
+    # 1 - extract_gpus of its GPU, so an actor fits beside a worker on the same device.
+    extract_gpus: float = 0.25    # GPU share of an extraction / refinement actor (use_gpu only)
+    extract_cpus: float = 1.0     # CPUs of an extraction actor (it decodes its own batches)
+    extract_batch: int = 256      # images per forward pass of an extraction actor
+    decode_cpus: float = 1.0      # CPUs of each Ray Data read/decode task feeding the workers
 
     def validate(self, where: str = "config") -> "TrainConfig":
         def need(ok: bool, key: str, msg: str) -> None:
@@ -130,6 +137,12 @@ class TrainConfig:
         need(self.global_batch % self.num_workers == 0, "global_batch",
              f"{self.global_batch} is not divisible by num_workers={self.num_workers}")
         need(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        need(0 < self.extract_gpus <= 0.5, "extract_gpus", f"must be in (0, 0.5], got {self.extract_gpus}")
+        need(self.extract_cpus > 0, "extract_cpus", "must be positive")
+        need(self.extract_batch >= 1, "extract_batch", "must be >= 1")
+        need(self.decode_cpus > 0, "decode_cpus", "must be positive")
+        need(self.extract_actors >= 1, "extract_actors", "must be >= 1")
+        need(self.refine_actors >= 1, "refine_actors", "must be >= 1")
         need(16 <= self.data.image_size <= 224 and self.data.image_size % 16 == 0, "data.image_size",
              f"must be a multiple of 16 in 16..224, got {self.data.image_size}")
         need(self.compat.method in METHODS, "compat.method", f"must be one of {METHODS}, got {self.compat.method!r}")
