@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_curve
 
-from unibct_ray.bench_recipe import pair_tar, probe
+from unibct_ray.bench.recipe import pair_tar, probe
 
 
 def _tar_by_loop(a: np.ndarray, b: np.ndarray, labels: np.ndarray, far: float) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unibct_ray.compat.bench_refine import bench_refine
+from unibct_ray.bench.refine import bench_refine
 from unibct_ray.compat.prototypes import (
     balanced_class_ranges,
     class_counts,

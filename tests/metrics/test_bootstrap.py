@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from unibct_ray.data.ijbc import IJBCMeta, TemplateSubjects
-from unibct_ray.metrics.bench_eval import synthetic_ijbc
+from unibct_ray.bench.eval import synthetic_ijbc
 from unibct_ray.metrics.bootstrap import (
     enrolment_subjects,
     percentile_interval,

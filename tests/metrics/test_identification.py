@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unibct_ray.metrics.bench_eval import public_identification
+from unibct_ray.bench.eval import public_identification
 from unibct_ray.metrics.identification import (
     GalleryOutcome,
     TemplateSet,

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from unibct_ray.metrics.bench_eval import (
+from unibct_ray.bench.eval import (
     FULL,
     public_pair_scores,
     public_pool_templates,

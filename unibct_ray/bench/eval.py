@@ -1,6 +1,6 @@
 """Benchmark: the IJB-C report from precomputed features, ours vs the public algorithm.
 
-``python -m unibct_ray.metrics.bench_eval [--scale full|small|tiny]`` prints one JSON object.
+``python -m unibct_ray.bench.eval [--scale full|small|tiny]`` prints one JSON object.
 
 The data is generated in memory at IJB-C scale (no image files): 469,375 images, 23,124
 templates, 15,658,489 pairs (19,557 genuine), 1:N galleries of 1,772 and 1,759 templates
@@ -473,29 +473,31 @@ def _max_diff(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) ->
     return float(max(diffs)) if diffs else float("nan")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m unibct_ray.metrics.bench_eval",
-                                 description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", default="full", choices=sorted(SCALES),
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", default="full", choices=sorted(SCALES),
                     help="full IJB-C sizes, small (x0.1, pairs x0.01) or tiny (x0.01)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--public-fraction", type=float, default=1.0,
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--public-fraction", type=float, default=1.0,
                     help="fraction of the public side's pair batches to time (rest extrapolated)")
-    ap.add_argument("--bootstrap-n", type=int, default=0,
+    p.add_argument("--bootstrap-n", type=int, default=0,
                     help="also time a subject bootstrap of N replicates on our side")
-    ap.add_argument("--no-public", action="store_true", help="time our side only")
-    ap.add_argument("--side", choices=("ours", "public"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    p.add_argument("--no-public", action="store_true", help="time our side only")
+    p.add_argument("--side", choices=("ours", "public"), help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Both sides in subprocesses (each its own peak memory); ``--side`` runs one and prints its
+    JSON on one line for the parent."""
     scale = SCALES[args.scale]
     if args.side == "ours":
         print(json.dumps(run_ours(scale, args.seed, args.bootstrap_n, args.scale != "tiny")))
-        return 0
+        return None
     if args.side == "public":
         print(json.dumps(run_public(scale, args.seed, args.public_fraction)))
-        return 0
+        return None
 
     def side(name: str) -> dict[str, Any]:
-        cmd = [sys.executable, "-m", "unibct_ray.metrics.bench_eval", "--side", name,
+        cmd = [sys.executable, "-m", "unibct_ray.bench.eval", "--side", name,
                "--scale", args.scale, "--seed", str(args.seed),
                "--public-fraction", str(args.public_fraction),
                "--bootstrap-n", str(args.bootstrap_n)]
@@ -528,9 +530,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"batches and extrapolated linearly (+{pub['extrapolated_seconds']:.0f} s)"
             )
     result["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from unibct_ray.bench.common import standalone
+
+    standalone("eval", __doc__, add_arguments, run)

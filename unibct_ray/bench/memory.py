@@ -1,6 +1,6 @@
 """Peak memory of the training input pipeline when an epoch is many times the object store.
 
-``python -m unibct_ray.distributed.bench_memory --out DIR --images 60000 --object-store-mb 256``
+``python -m unibct_ray.bench.memory --out DIR --images 60000 --object-store-mb 256``
 
 Writes a shard set of ``--images`` 112 px JPEGs (64 distinct images, repeated) unless ``DIR``
 already holds one, starts a local Ray with the given object store, streams one epoch through
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["add_arguments", "run"]
 
 
 def _write_shards(out: Path, n: int) -> Path:
@@ -77,13 +77,14 @@ def _pss_by_process(raylet: int) -> dict[str, int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="work directory (the shard set is kept there)")
     p.add_argument("--images", type=int, default=60_000)
     p.add_argument("--object-store-mb", type=int, default=256)
     p.add_argument("--consumer-ms", type=float, default=50.0, help="time the consumer spends per batch of 128")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> dict:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     src = _write_shards(a.out, a.images)
 
@@ -120,9 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"images": n, "decoded_bytes": n * 3 * 112 * 112 * 4, "object_store_bytes": a.object_store_mb << 20,
               "baseline_pss_bytes": baseline, "peak_pss_bytes": peak[0], "seconds": round(seconds, 1),
               "largest_at_peak": {k: v for k, v in sorted(at_peak[0].items(), key=lambda kv: -kv[1])[:6]}}
-    print(json.dumps(result, indent=1))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    from unibct_ray.bench.common import standalone
+
+    standalone("memory", __doc__, add_arguments, run)

@@ -1,6 +1,6 @@
 """A fast in-process probe of the synthetic training recipe (no Ray, no files).
 
-``python -m unibct_ray.bench_recipe --identities 1000 --images-per-identity 5 --methods independent unibct``
+``python -m unibct_ray.bench.recipe --identities 1000 --images-per-identity 5 --methods independent unibct``
 renders synthetic faces straight into memory, trains the old model and one new model per
 method on the two sides of ``--scenario``'s split (default open-class: the old model on the
 first ``round(ratio * identities)`` identities, the new ones on the others; the data splits
@@ -33,13 +33,11 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from unibct_ray.data.splits import SCENARIOS
 from unibct_ray.metrics.verification import rate_key, tar_at_far
 
-__all__ = ["render_set", "pair_tar", "train_model", "probe", "main"]
+__all__ = ["render_set", "pair_tar", "train_model", "probe", "add_arguments", "run"]
 
 METHODS = ("independent", "l2", "bct", "unibct")
 
@@ -74,15 +72,20 @@ def render_set(seed: int, ids: Sequence[int], count: int, stream: int, strength:
 
 
 def _tensor(x: np.ndarray) -> torch.Tensor:
+    import torch
+
     from unibct_ray.data.images import to_tensor_layout
 
     return torch.from_numpy(to_tensor_layout(x))
 
 
-@torch.no_grad()
 def _embed(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     model.eval()
-    return torch.cat([F.normalize(model(_tensor(x[i:i + 256])), dim=1) for i in range(0, len(x), 256)])
+    with torch.no_grad():
+        return torch.cat([F.normalize(model(_tensor(x[i:i + 256])), dim=1) for i in range(0, len(x), 256)])
 
 
 def pair_tar(a: torch.Tensor, b: torch.Tensor, labels: np.ndarray, far: float = 1e-3) -> float:
@@ -92,6 +95,7 @@ def pair_tar(a: torch.Tensor, b: torch.Tensor, labels: np.ndarray, far: float = 
     (:func:`unibct_ray.metrics.verification.tar_at_far`: the ROC point with FPR nearest to
     ``far``), so the probe and the demo's IJB-C figures read the ROC the same way.
     """
+    import torch
     s = (a @ b.T).numpy().astype(np.float64)
     off = ~np.eye(len(labels), dtype=bool)
     same = (labels[:, None] == labels[None, :])[off]
@@ -108,6 +112,8 @@ def train_model(x: np.ndarray, y: np.ndarray, *, embedding_size: int = 128, epoc
 
     ``old_features``: normalised old-model features of ``x`` (l2, bct, unibct).
     """
+    import torch
+    import torch.nn.functional as F
     from unibct_ray.compat.losses import l2_compat_loss, prototype_loss
     from unibct_ray.compat.prototypes import class_means, refine_prototypes
     from unibct_ray.distributed.train import poly_lr
@@ -198,37 +204,39 @@ def probe(*, scenario: str = "open-class", identities: int = 1000, images_per_id
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m unibct_ray.bench_recipe",
-                                 description=__doc__.split("\n\n")[0] + " Prints JSON.")
-    ap.add_argument("--scenario", default="open-class", choices=SCENARIOS,
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", default="open-class", choices=SCENARIOS,
                     help="upgrade scenario: which images the old and the new models train on (default open-class)")
-    ap.add_argument("--identities", type=int, default=1000, help="training identities (default 1000)")
-    ap.add_argument("--images-per-identity", type=int, default=5, help="images of each (default 5)")
-    ap.add_argument("--ratio", type=float, default=0.3,
+    p.add_argument("--identities", type=int, default=1000, help="training identities (default 1000)")
+    p.add_argument("--images-per-identity", type=int, default=5, help="images of each (default 5)")
+    p.add_argument("--ratio", type=float, default=0.3,
                     help="split ratio r: the old model's share of identities (class split) or of each identity's images (data split)")
-    ap.add_argument("--strength", type=float, default=1.0, help="nuisance strength of the faces (default 1)")
-    ap.add_argument("--embedding-size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up (0 = none)")
-    ap.add_argument("--methods", nargs="+", default=["independent", "unibct"], choices=METHODS)
-    ap.add_argument("--weight", type=float, default=3.0, help="compatibility loss weight")
-    ap.add_argument("--scale", type=float, default=30.0, help="prototype logit scale s")
-    ap.add_argument("--margin", type=float, default=0.2, help="angular margin on the prototype target")
-    ap.add_argument("--refine-epochs", type=int, nargs="+", default=[2, 6], help="unibct refinement epochs (1-based)")
-    ap.add_argument("--eval-identities", type=int, default=60)
-    ap.add_argument("--eval-images", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
+    p.add_argument("--strength", type=float, default=1.0, help="nuisance strength of the faces (default 1)")
+    p.add_argument("--embedding-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear lr warm-up (0 = none)")
+    p.add_argument("--methods", nargs="+", default=["independent", "unibct"], choices=METHODS)
+    p.add_argument("--weight", type=float, default=3.0, help="compatibility loss weight")
+    p.add_argument("--scale", type=float, default=30.0, help="prototype logit scale s")
+    p.add_argument("--margin", type=float, default=0.2, help="angular margin on the prototype target")
+    p.add_argument("--refine-epochs", type=int, nargs="+", default=[2, 6], help="unibct refinement epochs (1-based)")
+    p.add_argument("--eval-identities", type=int, default=60)
+    p.add_argument("--eval-images", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(a: argparse.Namespace) -> dict:
+    import torch
+
     torch.set_num_threads(2)
-    res = probe(scenario=a.scenario, identities=a.identities, images_per_identity=a.images_per_identity, ratio=a.ratio,
-                strength=a.strength, embedding_size=a.embedding_size, epochs=a.epochs, methods=a.methods,
-                weight=a.weight, scale=a.scale, margin=a.margin, refine_epochs=a.refine_epochs,
-                warmup_epochs=a.warmup_epochs, eval_identities=a.eval_identities, eval_images=a.eval_images,
-                seed=a.seed)
-    print(json.dumps(res, indent=1))
-    return res
+    return probe(scenario=a.scenario, identities=a.identities, images_per_identity=a.images_per_identity,
+                 ratio=a.ratio, strength=a.strength, embedding_size=a.embedding_size, epochs=a.epochs,
+                 methods=a.methods, weight=a.weight, scale=a.scale, margin=a.margin,
+                 refine_epochs=a.refine_epochs, warmup_epochs=a.warmup_epochs,
+                 eval_identities=a.eval_identities, eval_images=a.eval_images, seed=a.seed)
 
 
 if __name__ == "__main__":
-    main()
+    from unibct_ray.bench.common import standalone
+
+    standalone("recipe", __doc__, add_arguments, run)

@@ -1,6 +1,6 @@
 """Speed of the vectorised prototype refinement against a per-class Python loop.
 
-``python -m unibct_ray.compat.bench_refine`` prints JSON: on ``--classes`` classes (2,000)
+``python -m unibct_ray.bench.refine`` prints JSON: on ``--classes`` classes (2,000)
 with lognormal sizes (mean ~55, capped at 600, as in MS1M) and ``d = 256``, the vectorised
 :func:`~unibct_ray.compat.prototypes.refine_prototypes` and a plain per-class numpy loop with
 an explicit inverse run side by side on the same data, threads and dtype (float32); then the
@@ -24,11 +24,9 @@ import time
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from unibct_ray.compat.prototypes import refine_prototypes
 
-__all__ = ["class_sizes", "synthetic_features", "loop_refine", "bench_refine", "main"]
+__all__ = ["class_sizes", "synthetic_features", "loop_refine", "bench_refine", "add_arguments", "run"]
 
 
 def class_sizes(num_classes: int, mean_size: float = 55.0, max_size: int = 600, sigma: float = 0.8,
@@ -41,6 +39,7 @@ def class_sizes(num_classes: int, mean_size: float = 55.0, max_size: int = 600, 
 
 def synthetic_features(sizes: np.ndarray, d: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Clustered ``old, new float32 [n, d]`` and label-sorted ``labels int64 [n]``."""
+    import torch
     gen = torch.Generator().manual_seed(seed)
     labels = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
     lab_t = torch.from_numpy(labels)
@@ -82,6 +81,8 @@ def bench_refine(num_classes: int, mean_size: float = 55, max_size: int = 600, d
     seconds, the speed-up and the max abs difference between the two results (a check that
     the loop computes the same prototypes).
     """
+    from unibct_ray.compat.prototypes import refine_prototypes
+
     sizes = class_sizes(num_classes, mean_size, max_size, seed=seed)
     old, new, labels = synthetic_features(sizes, d, seed=seed)
     t_vec = t_loop = math.inf
@@ -110,17 +111,20 @@ def bench_refine(num_classes: int, mean_size: float = 55, max_size: int = 600, d
     return res
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m unibct_ray.compat.bench_refine", description=__doc__.split("\n")[0])
-    ap.add_argument("--classes", type=int, default=2000, help="classes of the side-by-side comparison")
-    ap.add_argument("--scaling", type=int, nargs="*", default=[1000, 2000, 5000, 10000],
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", type=int, default=2000, help="classes of the side-by-side comparison")
+    p.add_argument("--scaling", type=int, nargs="*", default=[1000, 2000, 5000, 10000],
                     help="class counts for the vectorised-only scaling run")
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the minimum is reported")
-    ap.add_argument("--threads", type=int, default=None,
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the minimum is reported")
+    p.add_argument("--threads", type=int, default=None,
                     help="cap torch and BLAS threads (default: leave the libraries' defaults)")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
     limiter = contextlib.nullcontext()
     if args.threads is not None:
         from threadpoolctl import threadpool_limits
@@ -140,8 +144,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             r["us_per_class"] = round(1e6 * r["vectorised_s"] / c, 1)
             report["scaling"].append(r)
         report["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(report, indent=2))
     return report
 
+
 if __name__ == "__main__":
-    main()
+    from unibct_ray.bench.common import standalone
+
+    standalone("refine", __doc__, add_arguments, run)
