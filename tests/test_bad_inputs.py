@@ -5,8 +5,8 @@ exit status 2; stderr is exactly one line ``unibct-ray: error: ...`` that names 
 config key) and the problem; no traceback; nothing appears besides ``in/`` (no output, no
 hidden partial directory); every input file keeps its bytes and its mtime.
 
-The README table "Bad input" is generated from ``CASES`` (``python tests/test_bad_inputs.py``
-prints it) and a test keeps the two in step.
+The table "Bad input" of docs/reliability.md is generated from ``CASES`` (``python
+tests/test_bad_inputs.py`` prints it) and a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -587,7 +587,7 @@ def test_debug_shows_the_traceback(tmp_path, ray_session):
         main(["--debug", "train", "--config", str(tmp_path / "train.yaml")])
 
 
-# ----------------------------------------------------------------------------- README table
+# ----------------------------------------------------------------------------- the docs' table
 def readme_table() -> str:
     rows = ["| input | what was tried | command | what happens: exit 2, stderr is `unibct-ray: error: ` and |",
             "|---|---|---|---|"]
@@ -596,10 +596,10 @@ def readme_table() -> str:
 
 
 def test_readme_table_is_current():
-    text = (ROOT / "README.md").read_text()
-    assert BEGIN in text and END in text, "README lacks the bad-input table markers"
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    assert BEGIN in text and END in text, "docs/reliability.md lacks the bad-input table markers"
     current = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
-    assert current == readme_table(), "README table is stale: run `python tests/test_bad_inputs.py`"
+    assert current == readme_table(), "docs/reliability.md table is stale: run `python tests/test_bad_inputs.py`"
 
 
 if __name__ == "__main__":
