@@ -68,21 +68,21 @@ N_IJBC = 12
 
 
 def make_ijbc(d: Path, images: bool = True) -> Path:
-    from unibct_ray.data import ijbc
+    from unibct_ray.data import ijbc, ijbc_writers
 
     root = d / "ijbc"
     meta = root / "IJBC" / "meta"
     templates = np.r_[np.arange(1, 7), np.arange(11, 17)]
     names = [f"{t}.jpg" for t in templates]
     ref = np.array([[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]]) * 32 / 112
-    ijbc.write_tid_mid(meta / ijbc.TID_MID_FILE, names, templates, templates)
-    ijbc.write_5pts_score(meta / ijbc.NAME_5PTS_FILE, names, np.repeat(ref[None], N_IJBC, 0).astype(np.float32),
+    ijbc_writers.write_tid_mid(meta / ijbc.TID_MID_FILE, names, templates, templates)
+    ijbc_writers.write_5pts_score(meta / ijbc.NAME_5PTS_FILE, names, np.repeat(ref[None], N_IJBC, 0).astype(np.float32),
                           np.ones(N_IJBC, np.float32))
     pairs = np.array([[t, t + 10] for t in range(1, 7)] + [[1, 12], [2, 13], [3, 14], [4, 15]])
-    ijbc.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, pairs, np.r_[np.ones(6), np.zeros(4)].astype(int))
-    ijbc.write_1n_csv(meta / ijbc.GALLERY1_FILE, np.arange(1, 4), np.arange(3), names[:3])
-    ijbc.write_1n_csv(meta / ijbc.GALLERY2_FILE, np.arange(4, 7), np.arange(3, 6), names[3:6])
-    ijbc.write_1n_csv(meta / ijbc.PROBE_FILE, np.arange(11, 17), np.arange(6), names[6:])
+    ijbc_writers.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, pairs, np.r_[np.ones(6), np.zeros(4)].astype(int))
+    ijbc_writers.write_1n_csv(meta / ijbc.GALLERY1_FILE, np.arange(1, 4), np.arange(3), names[:3])
+    ijbc_writers.write_1n_csv(meta / ijbc.GALLERY2_FILE, np.arange(4, 7), np.arange(3, 6), names[3:6])
+    ijbc_writers.write_1n_csv(meta / ijbc.PROBE_FILE, np.arange(11, 17), np.arange(6), names[6:])
     crops = root / "IJBC" / "loose_crop"
     crops.mkdir(parents=True)
     if images:
@@ -271,7 +271,7 @@ def _bad_override(d):
 
 
 def _ijbc_meta_missing(d):
-    from unibct_ray.data import ijbc
+    from unibct_ray.data import ijbc, ijbc_writers
 
     root = make_ijbc(d, images=False)
     (root / "IJBC" / "meta" / ijbc.PAIR_LABEL_FILE).unlink()
@@ -279,7 +279,7 @@ def _ijbc_meta_missing(d):
 
 
 def _ijbc_rows_mismatch(d):
-    from unibct_ray.data import ijbc
+    from unibct_ray.data import ijbc, ijbc_writers
 
     root = make_ijbc(d, images=False)
     p = root / "IJBC" / "meta" / ijbc.NAME_5PTS_FILE

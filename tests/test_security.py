@@ -183,18 +183,18 @@ def _split_case(d: Path):
 
 
 def _eval_case(d: Path):
-    from unibct_ray.data import ijbc
+    from unibct_ray.data import ijbc, ijbc_writers
 
     meta = d / "ijbc" / "IJBC" / "meta"
     names = [f"{i}.jpg" for i in range(8)]
     templates = np.array([1, 2, 3, 4, 11, 12, 13, 14])
-    ijbc.write_tid_mid(meta / ijbc.TID_MID_FILE, names, templates, templates)
-    ijbc.write_5pts_score(meta / ijbc.NAME_5PTS_FILE, names, np.zeros((8, 5, 2), np.float32), np.ones(8, np.float32))
-    ijbc.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, np.array([[1, 11], [2, 12], [1, 13], [3, 14]]),
+    ijbc_writers.write_tid_mid(meta / ijbc.TID_MID_FILE, names, templates, templates)
+    ijbc_writers.write_5pts_score(meta / ijbc.NAME_5PTS_FILE, names, np.zeros((8, 5, 2), np.float32), np.ones(8, np.float32))
+    ijbc_writers.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, np.array([[1, 11], [2, 12], [1, 13], [3, 14]]),
                           np.array([1, 1, 0, 0]))
-    ijbc.write_1n_csv(meta / ijbc.GALLERY1_FILE, np.array([1, 2]), np.array([0, 1]), names[:2])
-    ijbc.write_1n_csv(meta / ijbc.GALLERY2_FILE, np.array([3, 4]), np.array([2, 3]), names[2:4])
-    ijbc.write_1n_csv(meta / ijbc.PROBE_FILE, np.array([11, 12, 13, 14]), np.arange(4), names[4:])
+    ijbc_writers.write_1n_csv(meta / ijbc.GALLERY1_FILE, np.array([1, 2]), np.array([0, 1]), names[:2])
+    ijbc_writers.write_1n_csv(meta / ijbc.GALLERY2_FILE, np.array([3, 4]), np.array([2, 3]), names[2:4])
+    ijbc_writers.write_1n_csv(meta / ijbc.PROBE_FILE, np.array([11, 12, 13, 14]), np.arange(4), names[4:])
     np.save(d / "f.npy", np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
     out = d / "report"
     out.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unibct_ray.data import ijbc
+from unibct_ray.data import ijbc, ijbc_writers
 from unibct_ray.errors import DataFormatError, UserError
 
 # Non-contiguous template ids (1, 7, 42, 1000); several images per template.
@@ -290,13 +290,13 @@ def test_writer_round_trip(tmp_path: Path) -> None:
     probe_rows = np.array([42, 42, 49])
 
     meta = tmp_path / "IJBC" / "meta"  # the writers create missing directories
-    ijbc.write_tid_mid(meta / ijbc.TID_MID_FILE, names, templates, medias)
-    ijbc.write_5pts_score(meta / ijbc.NAME_5PTS_FILE, names, landmarks, scores)
-    ijbc.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, pairs, labels)
+    ijbc_writers.write_tid_mid(meta / ijbc.TID_MID_FILE, names, templates, medias)
+    ijbc_writers.write_5pts_score(meta / ijbc.NAME_5PTS_FILE, names, landmarks, scores)
+    ijbc_writers.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, pairs, labels)
     g1_files = [f"img/{i}.jpg" for i in range(6)]
-    ijbc.write_1n_csv(meta / ijbc.GALLERY1_FILE, g1_rows, g1_rows + 1, g1_files)
-    ijbc.write_1n_csv(meta / ijbc.GALLERY2_FILE, g2_rows, g2_rows + 1, ["a,b.jpg", "c.jpg"])
-    ijbc.write_1n_csv(meta / ijbc.PROBE_FILE, probe_rows, probe_rows * 0 + 5, ["x", "y", "z"])
+    ijbc_writers.write_1n_csv(meta / ijbc.GALLERY1_FILE, g1_rows, g1_rows + 1, g1_files)
+    ijbc_writers.write_1n_csv(meta / ijbc.GALLERY2_FILE, g2_rows, g2_rows + 1, ["a,b.jpg", "c.jpg"])
+    ijbc_writers.write_1n_csv(meta / ijbc.PROBE_FILE, probe_rows, probe_rows * 0 + 5, ["x", "y", "z"])
     # Atomic writes leave no temporaries behind, and files get normal permissions.
     assert sorted(os.listdir(meta)) == sorted(FILES)
     assert (meta / ijbc.TID_MID_FILE).stat().st_mode & 0o044  # group/other readable (umask 022)
@@ -318,20 +318,20 @@ def test_writer_round_trip(tmp_path: Path) -> None:
     assert header == "TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID"
 
     # Overwriting replaces the whole file.
-    ijbc.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, np.array([[-3, 10**12]]), np.array([1]))
+    ijbc_writers.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, np.array([[-3, 10**12]]), np.array([1]))
     assert (meta / ijbc.PAIR_LABEL_FILE).read_text() == "-3 1000000000000 1\n"
 
 
 def test_writers_reject_bad_input(tmp_path: Path) -> None:
     p = tmp_path / "x.txt"
     with pytest.raises(ValueError):
-        ijbc.write_tid_mid(p, ["a b.jpg"], np.array([1]), np.array([2]))
+        ijbc_writers.write_tid_mid(p, ["a b.jpg"], np.array([1]), np.array([2]))
     with pytest.raises(ValueError):
-        ijbc.write_tid_mid(p, ["a.jpg"], np.array([1, 2]), np.array([2]))
+        ijbc_writers.write_tid_mid(p, ["a.jpg"], np.array([1, 2]), np.array([2]))
     with pytest.raises(ValueError):
-        ijbc.write_5pts_score(p, ["a.jpg"], np.full((1, 5, 2), np.nan), np.array([1.0]))
+        ijbc_writers.write_5pts_score(p, ["a.jpg"], np.full((1, 5, 2), np.nan), np.array([1.0]))
     with pytest.raises(ValueError):
-        ijbc.write_pair_label(p, np.array([[1, 2]]), np.array([2]))
+        ijbc_writers.write_pair_label(p, np.array([[1, 2]]), np.array([2]))
     with pytest.raises(ValueError):
-        ijbc.write_1n_csv(p, np.array([1, 1]), np.array([3, 4]), ["a", "b"])
+        ijbc_writers.write_1n_csv(p, np.array([1, 1]), np.array([3, 4]), ["a", "b"])
     assert not p.exists() and os.listdir(tmp_path) == []

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from unibct_ray.data import ijbc
+from unibct_ray.data import ijbc_writers
 from unibct_ray.data.recordio import RecordIOWriter
 from unibct_ray.data.shards import StagedDir, atomic_write_text
 from unibct_ray.data.synth import (
@@ -92,13 +92,13 @@ def synthesize(spec: SynthSpec, out: str | os.PathLike, *, overwrite: bool = Fal
             lms = np.concatenate([results[("ijbc", a)][0] for a in starts])
             scores = np.concatenate([results[("ijbc", a)][1] for a in starts])
             meta = ijbc_dir / "meta"
-            ijbc.write_tid_mid(meta / "ijbc_face_tid_mid.txt", plan.names, plan.templates, plan.medias)
-            ijbc.write_5pts_score(meta / "ijbc_name_5pts_score.txt", plan.names, lms, scores)
-            ijbc.write_pair_label(meta / "ijbc_template_pair_label.txt", plan.pairs, plan.pair_labels)
+            ijbc_writers.write_tid_mid(meta / "ijbc_face_tid_mid.txt", plan.names, plan.templates, plan.medias)
+            ijbc_writers.write_5pts_score(meta / "ijbc_name_5pts_score.txt", plan.names, lms, scores)
+            ijbc_writers.write_pair_label(meta / "ijbc_template_pair_label.txt", plan.pairs, plan.pair_labels)
             for fname, (tids, _) in (("ijbc_1N_gallery_G1.csv", plan.g1), ("ijbc_1N_gallery_G2.csv", plan.g2),
                                      ("ijbc_1N_probe_mixed.csv", plan.probes)):
                 rows = np.flatnonzero(np.isin(plan.templates, tids))
-                ijbc.write_1n_csv(meta / fname, plan.templates[rows], plan.subjects[rows],
+                ijbc_writers.write_1n_csv(meta / fname, plan.templates[rows], plan.subjects[rows],
                                   [f"loose_crop/{plan.names[r]}" for r in rows])
 
         summary = {
