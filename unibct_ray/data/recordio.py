@@ -138,11 +138,13 @@ def default_idx_path(rec_path: str | os.PathLike) -> Path:
     return p.with_suffix(".idx")
 
 
-def read_idx(idx_path: str | os.PathLike, rec_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_idx(idx_path: str | os.PathLike, rec_size: int | None = None,
+             rec_path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Parse an ``.idx`` file: ``key<TAB>offset`` per line -> (keys int64 [n], offsets int64 [n]).
 
     Validates the shape of every line, unique keys, and (when ``rec_size`` is given) that no
-    offset points past the end of the ``.rec`` file.
+    offset points past the end of the ``.rec`` file; that error names both files (``rec_path``)
+    so that a mismatched pair is recognised as one.
     """
     path = Path(idx_path)
     if not path.is_file():
@@ -192,7 +194,7 @@ def read_idx(idx_path: str | os.PathLike, rec_size: int | None = None) -> tuple[
             i = int(past[0])
             raise DataFormatError(
                 f"{path}:{i + 1}: key {int(keys[i])} has offset {int(offsets[i])} past the end "
-                f"of the .rec file ({rec_size} bytes)"
+                f"of {rec_path if rec_path is not None else 'the .rec file'} ({rec_size} bytes)"
             )
     return keys, offsets
 
@@ -210,7 +212,7 @@ class RecordIOReader:
         if not self.rec_path.is_file():
             raise DataFormatError(f"{self.rec_path}: RecordIO file not found")
         self.size = self.rec_path.stat().st_size
-        self.keys, self.offsets = read_idx(self.idx_path, rec_size=self.size)
+        self.keys, self.offsets = read_idx(self.idx_path, rec_size=self.size, rec_path=self.rec_path)
         self._index()
         self._file: BinaryIO | None = None
         self._map: mmap.mmap | None = None
@@ -412,7 +414,7 @@ class RecordIOWriter:
         """Append every record of another indexed ``.rec`` (e.g. a part written by a worker)."""
         if self._f is None:
             raise ValueError(f"{self.rec_path}: writer is closed")
-        keys, offsets = read_idx(idx_path, rec_size=rec_path.stat().st_size)
+        keys, offsets = read_idx(idx_path, rec_size=rec_path.stat().st_size, rec_path=rec_path)
         clash = self._keys.intersection(keys.tolist())
         if clash:
             raise ValueError(f"{rec_path}: key {min(clash)} already written to {self.rec_path}")
