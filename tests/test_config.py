@@ -40,7 +40,7 @@ def test_exponent_numbers_are_numbers(tmp_path):
     ("optim:\n  lrr: 0.1\n", "optim.lrr: unknown key"),
     ("optim:\n  lr: fast\n", "optim.lr: expected a number, got 'fast'"),
     ("use_gpu: 1\n", "use_gpu: expected true/false"),
-    ("optim:\n  lr: -1\n", "optim.lr: must be positive"),
+    ("optim:\n  lr: -1\n", "optim.lr: must be a finite number in (0, 1000]"),
     ("global_batch: 10\nnum_workers: 3\n", "global_batch: 10 is not divisible"),
     ("compat:\n  method: l2\n", "compat.old_checkpoint: required"),
     ("model:\n  backbone: r7\n", "model.backbone: must be one of"),
@@ -52,6 +52,44 @@ def test_errors_name_file_and_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text))
     assert "train.yaml" in str(e.value) and needle in str(e.value)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("optim:\n  lr: 1e999\n", "optim.lr: must be a finite number"),            # YAML reads 1e999 as inf
+    ("optim:\n  lr: .nan\n", "optim.lr: must be a finite number"),
+    ("max_failures: -1\n", "max_failures: must be an integer in 0..1000"),     # Ray: -1 = retry forever
+    ("extract_actors: -3\n", "extract_actors: must be an integer in 1..100000"),
+    ("data:\n  shuffle_buffer: -5\n", "data.shuffle_buffer: must be an integer in 0..1000000"),
+    ("optim:\n  momentum: 1.5\n", "optim.momentum: must be a finite number in [0, 1)"),
+    ("optim:\n  momentum: -0.1\n", "optim.momentum: must be a finite number in [0, 1)"),
+    ("model:\n  embedding_size: 1000000000000\n", "model.embedding_size: must be an integer in 1..8192"),
+    ("compat:\n  weight: .inf\n", "compat.weight: must be a finite number"),
+    ("head:\n  margin: 2.0\n", "head.margin: must be a finite number in [0, 1.5708)"),
+    ("seed: -1\n", "seed: must be an integer in 0.."),
+    ("global_batch: 10000000\nnum_workers: 1\n", "global_batch: must be an integer in 1..1048576"),
+])
+def test_every_number_is_range_checked(tmp_path, text, needle):
+    """Values that loaded before and failed later (a traceback, a retry loop, a huge allocation)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert str(e.value).startswith("train.yaml: ") and needle in str(e.value), str(e.value)
+
+
+def test_a_checkpoint_claiming_a_huge_embedding_is_refused_before_allocating(tmp_path):
+    """The config inside a checkpoint goes through the same checks before any tensor is built."""
+    import json
+
+    import torch
+
+    from unibct_ray.checkpoint import build_backbone_from_checkpoint, save_checkpoint
+    from unibct_ray.config import TrainConfig, to_dict
+
+    cfg = to_dict(TrainConfig())
+    cfg["model"]["embedding_size"] = 10**12
+    path = tmp_path / "big.pt"
+    save_checkpoint(path, {"config": json.dumps(cfg), "model": {"w": torch.zeros(1)}, "epoch": 1})
+    with pytest.raises(ConfigError, match="model.embedding_size: must be an integer in 1..8192"):
+        build_backbone_from_checkpoint(path)
 
 
 def test_bad_override_and_missing_file(tmp_path):

@@ -125,7 +125,7 @@ def test_spec_paths_and_overrides(tmp_path):
     ({"space": {"compat.weight": {"uniform": [0.1]}}}, "space.compat.weight: uniform needs [low, high]"),
     ({"space": {"compat.weight": {"loguniform": [0.0, 1.0]}}}, "space.compat.weight: loguniform needs low > 0"),
     ({"space": {"optim.epochs": {"int": [2.5, 5]}}}, "space.optim.epochs: int bounds must be integers"),
-    ({"space": {"compat.lam": {"uniform": [0.5, 1.2]}}}, "space.compat.lam = 1.2: compat.lam: must be in (0, 1)"),
+    ({"space": {"compat.lam": {"uniform": [0.5, 1.2]}}}, "space.compat.lam = 1.2: compat.lam: must be a finite number in (0, 1)"),
     ({"space": {"compat.refine_epochs": {"choice": [[4, 8], [20]]}}},
      "space.compat.refine_epochs = [20]: compat.refine_epochs: every epoch must be in 1..11"),
     ({"space": {"compat.refine_epochs": {"choice": []}}}, "space.compat.refine_epochs: choice needs a non-empty list"),

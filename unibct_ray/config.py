@@ -8,6 +8,7 @@ The same dotted keys are what Ray Tune searches over.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -36,6 +37,17 @@ __all__ = [
 METHODS = ("independent", "l2", "bct", "unibct")
 HEADS = ("arcface", "cosface", "softmax")
 BACKBONES = ("r18", "r34", "r50", "r100", "tiny")
+#: Upper bounds of sizes and counts: far above any real run, far below an allocation that
+#: would take a machine down (an embedding of 8,192 floats, a batch of 2^20 images).
+MAX_EMBEDDING = 8192
+MAX_BATCH = 1 << 20
+MAX_PROCESSES = 100_000
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -120,36 +132,64 @@ class TrainConfig:
     decode_cpus: float = 1.0      # CPUs of each Ray Data read/decode task feeding the workers
 
     def validate(self, where: str = "config") -> "TrainConfig":
+        """Every key in range, checked before anything is allocated or started.
+
+        Counts are bounded by what a machine can hold (a typo such as ``embedding_size:
+        1000000000000`` must not reach an allocation) and every rate is finite (YAML reads
+        ``1e999`` as inf).
+        """
         def need(ok: bool, key: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"{where}: {key}: {msg}")
 
+        def number(key: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+            v = _get(self, key)
+            ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+            need(ok, key, f"must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v!r}")
+
+        def count(key: str, lo: int, hi: int) -> None:
+            v = _get(self, key)
+            need(lo <= v <= hi, key, f"must be an integer in {lo}..{hi}, got {v}")
+
         need(self.model.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}, got {self.model.backbone!r}")
-        need(self.model.embedding_size > 0, "model.embedding_size", "must be positive")
-        need(0 <= self.model.dropout < 1, "model.dropout", "must be in [0, 1)")
+        count("model.embedding_size", 1, MAX_EMBEDDING)
+        number("model.dropout", 0, 1, hi_open=True)
         need(self.head.type in HEADS, "head.type", f"must be one of {HEADS}, got {self.head.type!r}")
-        need(self.head.scale > 0, "head.scale", "must be positive")
-        need(self.optim.lr > 0, "optim.lr", "must be positive")
-        need(self.optim.epochs >= 1, "optim.epochs", "must be >= 1")
-        need(self.optim.base_batch >= 1, "optim.base_batch", "must be >= 1")
-        need(self.global_batch >= 1, "global_batch", "must be >= 1")
-        need(self.num_workers >= 1, "num_workers", "must be >= 1")
+        number("head.scale", 0, 1e4, lo_open=True)
+        number("head.margin", 0, math.pi / 2, hi_open=True)
+        number("optim.lr", 0, 1e3, lo_open=True)
+        count("optim.epochs", 1, 100_000)
+        count("optim.base_batch", 1, MAX_BATCH)
+        number("optim.momentum", 0, 1, hi_open=True)
+        number("optim.weight_decay", 0, 1, hi_open=True)
+        number("optim.poly_power", 0, 100)
+        number("optim.warmup_epochs", 0, self.optim.epochs)
+        number("optim.clip_grad_norm", 0, 1e9)
+        count("global_batch", 1, MAX_BATCH)
+        count("num_workers", 1, MAX_PROCESSES)
         need(self.global_batch % self.num_workers == 0, "global_batch",
              f"{self.global_batch} is not divisible by num_workers={self.num_workers}")
-        need(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
-        need(0 < self.extract_gpus <= 0.5, "extract_gpus", f"must be in (0, 0.5], got {self.extract_gpus}")
-        need(self.extract_cpus > 0, "extract_cpus", "must be positive")
-        need(self.extract_batch >= 1, "extract_batch", "must be >= 1")
-        need(self.decode_cpus > 0, "decode_cpus", "must be positive")
-        need(self.extract_actors >= 1, "extract_actors", "must be >= 1")
-        need(self.refine_actors >= 1, "refine_actors", "must be >= 1")
+        number("cpus_per_worker", 0, 1024, lo_open=True)
+        number("extract_gpus", 0, 0.5, lo_open=True)
+        number("extract_cpus", 0, 1024, lo_open=True)
+        count("extract_batch", 1, MAX_BATCH)
+        number("decode_cpus", 0, 1024, lo_open=True)
+        count("extract_actors", 1, MAX_PROCESSES)
+        count("refine_actors", 1, MAX_PROCESSES)
+        count("max_failures", 0, 1000)
+        count("seed", 0, 2**63 - 1)
         need(16 <= self.data.image_size <= 224 and self.data.image_size % 16 == 0, "data.image_size",
              f"must be a multiple of 16 in 16..224, got {self.data.image_size}")
+        count("data.shuffle_buffer", 0, 1_000_000)
+        count("data.cache_bytes", 0, 2**50)
         need(self.compat.method in METHODS, "compat.method", f"must be one of {METHODS}, got {self.compat.method!r}")
-        need(self.compat.weight >= 0, "compat.weight", "must be >= 0")
+        number("compat.weight", 0, 1e6)
+        number("compat.l2_margin", 0, 2)
+        number("compat.scale", 0, 1e4, lo_open=True)
+        number("compat.margin", 0, math.pi / 2, hi_open=True)
         need(self.compat.axis in ("row", "column"), "compat.axis", "must be 'row' or 'column'")
-        need(0 < self.compat.lam < 1, "compat.lam", "must be in (0, 1)")
-        need(self.compat.temperature > 0, "compat.temperature", "must be positive")
+        number("compat.lam", 0, 1, lo_open=True, hi_open=True)
+        number("compat.temperature", 0, 1e3, lo_open=True)
         if self.compat.method == "unibct":
             need(all(0 < e < self.optim.epochs for e in self.compat.refine_epochs), "compat.refine_epochs",
                  f"every epoch must be in 1..{self.optim.epochs - 1} (refinement needs a trained new model)")
