@@ -335,3 +335,26 @@ def test_writers_reject_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         ijbc_writers.write_1n_csv(p, np.array([1, 1]), np.array([3, 4]), ["a", "b"])
     assert not p.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", ["../../../etc/passwd", "/etc/passwd", "sub/../../x.jpg", "..", "a//b.jpg",
+                                 "C:/windows/x.jpg", "\\\\server\\share\\x.jpg"])
+def test_image_names_cannot_leave_the_image_directory(tmp_path, bad):
+    """A meta file's names are joined under loose_crop/ and opened on every node."""
+    names = ["1.jpg", "sub/2.jpg", bad, "4.jpg"]
+    templates = np.array([1, 1, 2, 2])
+    meta = tmp_path / "IJBC" / "meta"
+    ijbc_writers.write_tid_mid(meta / ijbc.TID_MID_FILE, names, templates, templates)
+    ijbc_writers.write_5pts_score(meta / ijbc.NAME_5PTS_FILE, names, np.zeros((4, 5, 2), np.float32),
+                                  np.ones(4, np.float32))
+    ijbc_writers.write_pair_label(meta / ijbc.PAIR_LABEL_FILE, np.array([[1, 2]]), np.array([0]))
+    with pytest.raises(DataFormatError) as e:
+        ijbc.read_ijbc_meta(tmp_path, with_1n=False)
+    msg = str(e.value)
+    assert ijbc.TID_MID_FILE in msg and "line 3" in msg and repr(bad) in msg and "leaves the image directory" in msg
+    # the same folder with a plain name and a name in a subdirectory reads fine
+    names[2] = "3.jpg"
+    ijbc_writers.write_tid_mid(meta / ijbc.TID_MID_FILE, names, templates, templates)
+    ijbc_writers.write_5pts_score(meta / ijbc.NAME_5PTS_FILE, names, np.zeros((4, 5, 2), np.float32),
+                                  np.ones(4, np.float32))
+    assert ijbc.read_ijbc_meta(tmp_path, with_1n=False).image_names == names

@@ -52,6 +52,7 @@ __all__ = [
     "read_5pts_score",
     "read_pair_label",
     "read_1n_csv",
+    "check_image_names",
 ]
 
 TID_MID_FILE = "ijbc_face_tid_mid.txt"
@@ -582,6 +583,28 @@ def _check_known_templates(
         )
 
 
+def check_image_names(names: list[str], path: Path) -> None:
+    """Every image name stays inside the image directory: a relative path with no ``..``.
+
+    The names are joined under ``loose_crop/`` and opened by extraction actors on every node,
+    so a meta file must not be able to point them at ``/etc/passwd`` or ``../../secret``.
+
+    Raises:
+        DataFormatError: naming ``path``, the 1-based line and the name.
+    """
+    joined = "\n" + "\n".join(names) + "\n"
+    if not any(c in joined for c in ("/", "\\", "\0", "\n.\n", "\n..\n")):
+        return  # plain file names (the real IJB-C's), checked in one pass over the text
+    for i, name in enumerate(names):
+        if "/" not in name and "\\" not in name and name not in (".", "..") and "\0" not in name:
+            continue
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts or "\0" in name \
+                or "." == name or any(p == "" for p in parts):
+            raise DataFormatError(f"{path}, line {i + 1}: image name {name!r} leaves the image directory "
+                                  "(names must be relative paths under loose_crop/, without '..')")
+
+
 def read_ijbc_meta(root: str | os.PathLike[str], *, with_1n: bool = True) -> IJBCMeta:
     """Read and cross-validate all IJB-C meta files under ``root`` (either root form).
 
@@ -600,6 +623,7 @@ def read_ijbc_meta(root: str | os.PathLike[str], *, with_1n: bool = True) -> IJB
     pair_path = meta / PAIR_LABEL_FILE
 
     names, templates, medias = read_tid_mid(tid_path)
+    check_image_names(names, tid_path)
     names_5, landmarks, scores = read_5pts_score(pts_path)
     if names_5 != names:
         for i, (a, b) in enumerate(zip(names, names_5)):
