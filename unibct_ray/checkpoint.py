@@ -19,23 +19,62 @@ import torch
 from unibct_ray.errors import DataFormatError
 
 __all__ = ["CHECKPOINT_FILE", "FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_config",
-           "build_backbone_from_checkpoint", "find_latest_checkpoint"]
+           "build_backbone_from_checkpoint", "find_latest_checkpoint", "find_resumable_checkpoint",
+           "check_finite_weights", "fsync_dir"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "unibct-ray/checkpoint"
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory entry (a rename) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename (atomic)."""
+    """``torch.save`` to a uniquely named temporary file beside ``path``, fsync, rename.
+
+    A kill at any moment leaves either the old file or the complete new one, never a
+    truncated ``path``; the fsyncs make that hold across a power loss too.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        torch.save({"format": FORMAT, "version": 1, **state}, tmp)
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": 1, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_finite_weights(state: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint whose model or head weights hold NaN/inf (a diverged run's last save).
+
+    Raises:
+        DataFormatError: naming the file and the first non-finite tensor.
+    """
+    for part in ("model", "head"):
+        tensors = state.get(part)
+        if not isinstance(tensors, dict):
+            continue
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise DataFormatError(f"{where}: {part} weight {name!r} holds NaN/inf (a diverged run); "
+                                      "refused")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -61,6 +100,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise DataFormatError(f"{p}: not a readable PyTorch checkpoint ({first[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataFormatError(f"{p}: not a unibct-ray checkpoint (no '{FORMAT}' format tag)")
+    check_finite_weights(state, str(p))
     return state
 
 
@@ -92,18 +132,43 @@ def build_backbone_from_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Mo
     return model, cfg, state
 
 
+def _candidates(run_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoint.pt`` under ``run_dir`` with a readable ``meta.json``, newest first
+    (highest epoch, then latest mtime)."""
+    found: list[tuple[int, float, Path]] = []
+    for p in Path(run_dir).rglob(CHECKPOINT_FILE):
+        try:
+            epoch = int(json.loads((p.parent / "meta.json").read_text())["epoch"])
+            mtime = p.stat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a half-written or foreign directory is skipped, never trusted
+        found.append((epoch, mtime, p))
+    found.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    return [p for _, _, p in found]
+
+
 def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The ``checkpoint.pt`` with the highest epoch under ``run_dir`` (None if there is none).
 
     Reads the small ``meta.json`` written beside each checkpoint, not the weights.
     """
-    best: tuple[int, float, Path] | None = None
-    for p in Path(run_dir).rglob(CHECKPOINT_FILE):
+    c = _candidates(run_dir)
+    return c[0] if c else None
+
+
+def find_resumable_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``run_dir`` that loads and verifies -> (path, skipped).
+
+    Ray Train copies checkpoint folders without an atomic rename, so the newest one can be
+    truncated (a kill mid-copy) or hold NaN weights (a diverged step). Those are skipped, with
+    the reason, and the previous good one is returned: a resume loses an epoch, not the run.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for p in _candidates(run_dir):
         try:
-            epoch = int(json.loads((p.parent / "meta.json").read_text())["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a half-written or foreign directory is skipped, never trusted
-        key = (epoch, p.stat().st_mtime, p)
-        if best is None or key[:2] > best[:2]:
-            best = key
-    return best[2] if best else None
+            load_checkpoint(p)
+        except DataFormatError as e:
+            skipped.append((p, str(e)))
+            continue
+        return p, skipped
+    return None, skipped

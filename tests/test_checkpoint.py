@@ -1,0 +1,68 @@
+"""Checkpoints: atomic saves, non-finite weights refused, resume falls back past a bad newest one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unibct_ray.checkpoint import (
+    CHECKPOINT_FILE,
+    find_latest_checkpoint,
+    find_resumable_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from unibct_ray.errors import DataFormatError
+
+
+def _epoch_dir(run: Path, epoch: int, weight: float = 1.0) -> Path:
+    d = run / f"checkpoint_{epoch:06d}"
+    save_checkpoint(d / CHECKPOINT_FILE, {"epoch": epoch, "model": {"w": torch.full((4,), weight)},
+                                          "head": {"weight": torch.ones(2, 4)}})
+    (d / "meta.json").write_text(json.dumps({"epoch": epoch}))
+    return d / CHECKPOINT_FILE
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path):
+    path = _epoch_dir(tmp_path, 1, weight=float("nan"))
+    with pytest.raises(DataFormatError, match=r"model weight 'w' holds NaN/inf"):
+        load_checkpoint(path)
+    inf = _epoch_dir(tmp_path, 2)
+    state = torch.load(inf, weights_only=True)
+    state["head"]["weight"][0, 0] = float("inf")
+    torch.save(state, inf)
+    with pytest.raises(DataFormatError, match=r"head weight 'weight' holds NaN/inf"):
+        load_checkpoint(inf)
+
+
+def test_resume_skips_a_truncated_and_a_diverged_newest_checkpoint(tmp_path):
+    good = _epoch_dir(tmp_path, 1)
+    nan = _epoch_dir(tmp_path, 2, weight=float("nan"))
+    cut = _epoch_dir(tmp_path, 3)
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # a copy killed half way
+    assert find_latest_checkpoint(tmp_path) == cut  # by meta.json alone the broken one looks newest
+    path, skipped = find_resumable_checkpoint(tmp_path)
+    assert path == good
+    assert [p for p, _ in skipped] == [cut, nan]
+    assert "not a readable PyTorch checkpoint" in skipped[0][1] and "NaN/inf" in skipped[1][1]
+    assert find_resumable_checkpoint(tmp_path / "nothing") == (None, [])
+
+
+def test_a_failed_save_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "final.pt"
+    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}})
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(3)}})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["final.pt"]  # no temporary left behind
