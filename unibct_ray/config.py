@@ -85,6 +85,7 @@ class OptimSection:
     poly_power: float = 2.0       # lr_t = lr * (1 - t / T) ** power, per step
     warmup_epochs: float = 0.0
     clip_grad_norm: float = 5.0   # on the backbone; 0 disables
+    nonfinite_steps: int = 3      # consecutive NaN/inf-loss steps skipped before the run stops
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class TrainConfig:
         number("optim.poly_power", 0, 100)
         number("optim.warmup_epochs", 0, self.optim.epochs)
         number("optim.clip_grad_norm", 0, 1e9)
+        count("optim.nonfinite_steps", 0, 1000)
         count("global_batch", 1, MAX_BATCH)
         count("num_workers", 1, MAX_PROCESSES)
         need(self.global_batch % self.num_workers == 0, "global_batch",

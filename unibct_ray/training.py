@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from unibct_ray.compat.losses import CompatLoss
 
-__all__ = ["StepResult", "train_step"]
+__all__ = ["StepResult", "train_step", "NonFiniteLoss", "NonFiniteGuard"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,37 @@ class StepResult:
     loss: float
     head_loss: float
     compat_loss: float
+    applied: bool = True          # False: a loss term was NaN/inf and the update was skipped
+    bad_term: str = ""            # "head", "compat" or "peer" (another DDP rank's) when not applied
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss: the run diverged and stops."""
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; raises after ``limit`` of them.
+
+    One skipped step is survivable (a bad batch, an fp16 overflow the scaler did not catch);
+    a run that keeps producing NaN has diverged, and training on would only write NaN
+    checkpoints. ``limit`` 0 stops at the first non-finite loss.
+    """
+
+    def __init__(self, limit: int, name: str = "run"):
+        self.limit, self.name, self.run = int(limit), name, 0
+
+    def update(self, r: StepResult, step: int, epoch: int) -> None:
+        if r.applied:
+            self.run = 0
+            return
+        self.run += 1
+        if self.run > self.limit:
+            what = {"head": f"the head loss is {r.head_loss}", "compat": f"the compatibility loss is {r.compat_loss}",
+                    "peer": "another worker's loss is NaN/inf"}.get(r.bad_term, "the loss is NaN/inf")
+            raise NonFiniteLoss(
+                f"{self.name}: {what} at step {step} (epoch {epoch + 1}), "
+                f"{self.run} non-finite steps in a row (optim.nonfinite_steps = {self.limit}); the run diverged: "
+                "lower optim.lr or the compatibility weight, and resume from the last checkpoint")
 
 
 def train_step(
@@ -33,6 +65,7 @@ def train_step(
     clip_norm: float = 0.0,
     scaler: torch.amp.GradScaler | None = None,
     autocast_device: str | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> StepResult:
     """``loss = CE(head(emb), y) + weight * compat(emb, old, y, prototypes)``; one SGD step.
 
@@ -40,6 +73,12 @@ def train_step(
     over workers, so with the per-worker mean loss the step equals one process on the
     concatenated batch (BatchNorm statistics aside). Gradient clipping happens after the
     average, on ``clip_params`` (the backbone).
+
+    A NaN/inf head or compatibility loss skips the update (no backward, no optimizer step) and
+    returns ``applied=False``; ``agree(local_ok) -> all_ok`` makes every DDP rank take the same
+    decision (a rank that skipped its backward while the others ran theirs would hang DDP's
+    all-reduce), e.g. an all-reduce of the flag with MIN. The caller counts skipped steps
+    (:class:`NonFiniteGuard`).
     """
     with torch.autocast(autocast_device or x.device.type, dtype=torch.float16, enabled=autocast_device is not None):
         emb, logits = module(x, labels)
@@ -48,6 +87,15 @@ def train_step(
         if weight > 0 and compat is not None:
             comp = compat.value(emb.float(), old_features, labels, prototypes)  # unweighted L_comp
         loss = head_loss + weight * comp
+    head_ok, comp_ok = bool(torch.isfinite(head_loss)), bool(torch.isfinite(comp))
+    ok = head_ok and comp_ok
+    if agree is not None:
+        ok = agree(ok)
+    if not ok:
+        optimizer.zero_grad(set_to_none=True)
+        bad = "head" if not head_ok else ("compat" if not comp_ok else "peer")
+        return StepResult(float(loss.detach()), float(head_loss.detach()), float(comp.detach()),
+                          applied=False, bad_term=bad)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
