@@ -66,3 +66,22 @@ def test_a_failed_save_leaves_the_previous_file_whole(tmp_path, monkeypatch):
         save_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(3)}})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["final.pt"]  # no temporary left behind
+
+
+def test_atomic_writes_get_the_umask_permissions_and_unique_temp_names(tmp_path):
+    """Reports were written 0600 (mkstemp); two writers of one path never share a temp name."""
+    import os
+
+    from unibct_ray.atomic import atomic_write, temp_name
+    from unibct_ray.metrics.report import _atomic_write
+
+    old = os.umask(0o022)
+    try:
+        _atomic_write(tmp_path / "report.md", b"# report\n")
+        atomic_write(tmp_path / "a.txt", ["x", b"y"])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a.txt").read_bytes() == b"xy"
+    assert temp_name(tmp_path / "a.txt") != temp_name(tmp_path / "a.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "report.md"]

@@ -10,34 +10,20 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unibct_ray.atomic import fsync_dir, temp_name
 from unibct_ray.errors import DataFormatError
 
 __all__ = ["CHECKPOINT_FILE", "FORMAT", "save_checkpoint", "load_checkpoint", "checkpoint_config",
            "build_backbone_from_checkpoint", "find_latest_checkpoint", "find_resumable_checkpoint",
-           "check_finite_weights", "fsync_dir"]
+           "check_finite_weights"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "unibct-ray/checkpoint"
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush a directory entry (a rename) to disk; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -48,7 +34,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, "version": 1, **state}, f)

@@ -11,40 +11,20 @@ import csv
 import io
 import itertools
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from unibct_ray.atomic import atomic_write
 from unibct_ray.data.ijbc import _CSV_HEADER
 
 __all__ = ["write_tid_mid", "write_5pts_score", "write_pair_label", "write_1n_csv"]
 
 
 def _atomic_write(path: Path, chunks: Iterable[str | bytes]) -> None:
-    """Write ``chunks`` (str as UTF-8) to a temp file beside ``path``, then rename it over.
-
-    Readers never see a half-written file, and a crash leaves any old file intact.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    # os.open with mode 0o666 lets the umask decide permissions, like a plain open() would
-    # (tempfile.mkstemp would leave the final file at 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c.encode("utf-8") if isinstance(c, str) else c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Readers never see a half-written file; a crash leaves any old file intact."""
+    atomic_write(path, chunks)
 
 
 # Rows formatted per call: large enough for C-speed formatting, small enough that no

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unibct_ray.atomic import atomic_write
 from unibct_ray.errors import DataFormatError, UserError
 
 __all__ = [
@@ -80,16 +81,8 @@ def shard_name(i: int) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``text`` to ``path`` atomically (:func:`unibct_ray.atomic.atomic_write`)."""
+    atomic_write(path, text)
 
 
 def _parquet_options(columns: list[str]) -> dict[str, Any]:

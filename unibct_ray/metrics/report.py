@@ -23,13 +23,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from unibct_ray.atomic import atomic_write
 from unibct_ray.metrics.bootstrap import BootstrapResult
 from unibct_ray.metrics.identification import FPIRS, KS, metric_keys
 from unibct_ray.metrics.verification import FARS, RocCurve, rate_key
@@ -230,17 +230,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # mode from the umask (mkstemp's 0600 made reports unreadable to a shared group)
+    atomic_write(path, data)
 
 
 def _thin_roc(roc: RocCurve) -> tuple[np.ndarray, np.ndarray]:
