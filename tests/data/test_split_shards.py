@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -91,3 +92,28 @@ def test_split_bad_source(tmp_path, capsys):
     empty.mkdir()
     code = main(["data", "split", "--src", str(empty), "--scenario", "open-class", "--out", str(tmp_path / "o")])
     assert code == 2 and "manifest.json: not found" in capsys.readouterr().err
+
+
+def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
+    """A .partial folder whose process is gone is removed (and said so); a live one is kept."""
+    import socket
+    import subprocess
+    import sys
+
+    from unibct_ray.data.shards import StagedDir
+
+    host = socket.gethostname().replace(".", "_")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # its pid is now free: the owner of this folder is dead
+    dead = tmp_path / f".out.{host}-{proc.pid}.deadbeef.partial"
+    live = tmp_path / f".out.{host}-{os.getpid()}.cafef00d.partial"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "part-00000.parquet").write_bytes(b"x" * 1000)
+    said: list[str] = []
+    with StagedDir(tmp_path / "out", log=said.append) as stage:
+        (stage.path / "f").write_text("1")
+        stage.commit()
+    assert not dead.exists() and live.exists()
+    assert len(said) == 1 and str(dead) in said[0] and "killed" in said[0]
+    assert (tmp_path / "out" / "f").read_text() == "1"

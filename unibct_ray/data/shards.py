@@ -14,9 +14,11 @@ complete, so an interrupted run never leaves a directory that looks like a finis
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -137,6 +139,39 @@ def write_shard(path: Path, table: pa.Table) -> ShardInfo:
         return w.close()
 
 
+#: A ``.partial`` folder of another host is taken for dead after this long without a change.
+STALE_PARTIAL_S = 24 * 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_partials(final: Path, *, log=print) -> list[Path]:
+    """Remove ``.NAME.<host>-<pid>.<id>.partial`` siblings of ``final`` left by killed runs."""
+    host = socket.gethostname().replace(".", "_")
+    removed = []
+    for p in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        owner = p.name[len(final.name) + 2:].rsplit(".", 2)[0]
+        o_host, _, o_pid = owner.rpartition("-")
+        try:
+            age = time.time() - p.stat().st_mtime
+        except OSError:
+            continue
+        dead = (o_host == host and o_pid.isdigit() and not _pid_alive(int(o_pid))) or age > STALE_PARTIAL_S
+        if dead:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            log(f"removed {p}: the unfinished output of a run that was killed")
+    return removed
+
+
 class StagedDir:
     """A directory built under a temporary sibling name and renamed into place on ``commit``.
 
@@ -145,15 +180,23 @@ class StagedDir:
     ...     stage.commit()
     Leaving the block without ``commit()`` (an error, Ctrl-C) removes the temporary directory.
     An existing ``out`` is refused unless ``overwrite=True``.
+
+    A killed process cannot clean up: its ``.partial`` folder (up to the data set's size) is
+    left behind. The folder's name records the host and process that own it, so the next
+    run of the same output removes the ones whose process is gone (same host) or that are
+    older than :data:`STALE_PARTIAL_S` (another host), and says so; a live writer's folder
+    is never touched.
     """
 
-    def __init__(self, final: str | os.PathLike, *, overwrite: bool = False):
+    def __init__(self, final: str | os.PathLike, *, overwrite: bool = False, log=print):
         self.final = Path(final)
         self.overwrite = overwrite
         if self.final.exists() and not overwrite:
             raise UserError(f"{self.final}: already exists (pass --overwrite to replace it)")
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:8]}.partial")
+        remove_stale_partials(self.final, log=log)
+        owner = f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+        self.path = self.final.with_name(f".{self.final.name}.{owner}.{uuid.uuid4().hex[:8]}.partial")
         self.path.mkdir()
         self.committed = False
 
