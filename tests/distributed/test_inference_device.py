@@ -149,3 +149,46 @@ def test_align_embed_on_gpu_matches_cpu(inputs, tmp_path):
     assert udf.embedder.on_gpu
     out = udf(batch)
     assert _cosine(out["feature_0"], _align_reference(ckpt, batch, imgs)).min() > 0.999
+
+
+def _checkpoint_seeded(d: Path, name: str, seed: int) -> Path:
+    from unibct_ray.checkpoint import save_checkpoint
+    from unibct_ray.config import from_dict, to_dict
+    from unibct_ray.models.iresnet import build_backbone
+
+    torch.manual_seed(seed)
+    model = build_backbone("tiny", DIM, SIZE)
+    cfg = from_dict({"model": {"backbone": "tiny", "embedding_size": DIM}, "data": {"image_size": SIZE}})
+    return save_checkpoint(d / name, {"config": json.dumps(to_dict(cfg)), "epoch": 1, "step": 1,
+                                      "model": model.state_dict()})
+
+
+@pytest.mark.slow
+def test_checkpoint_distractors_embedded_by_each_model(ray_session, tmp_path):
+    """Two checkpoints: the distractor faces are rendered once and each model embeds them; the
+    old galleries get the old model's embeddings, self_new the new model's."""
+    from unibct_ray.cli import main
+    from unibct_ray.data.faces import render_aligned, sample_identity
+    from unibct_ray.distributed.evaluate import _file_hash
+
+    assert main(["data", "synth", "--out", str(tmp_path / "ijb"), "--identities", "1", "--images-per-identity", "1",
+                 "--size", "32", "--eval-identities", "4", "--probes-per-identity", "1", "--impostor-pairs", "20",
+                 "--no-progress"]) == 0
+    old, new = _checkpoint_seeded(tmp_path, "old.pt", 1), _checkpoint_seeded(tmp_path, "new.pt", 2)
+    out, n_d, seed = tmp_path / "r", 6, 3
+    assert main(["eval", "--ijbc", str(tmp_path / "ijb"), "--old-checkpoint", str(old), "--new-checkpoint", str(new),
+                 "--distractors", str(n_d), "--seed", str(seed), "--bootstrap", "0", "--shards", "1",
+                 "--actors", "1", "--batch-size", "4", "--out", str(out)]) == 0
+    faces = np.stack([render_aligned(sample_identity(seed, 2_000_000_000 + i), np.random.default_rng([seed, 99, i]),
+                                     SIZE) for i in range(n_d)])
+    x = torch.from_numpy((faces.astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5)
+    embedded = {}
+    for ckpt in (old, new):
+        model = _model(ckpt)
+        with torch.no_grad():
+            ref = (model(x) + model(x.flip(3))).numpy()
+        embedded[ckpt] = np.load(out / "cache" / f"distractors-{_file_hash(ckpt)}-{seed}-{n_d}.npy")
+        np.testing.assert_allclose(embedded[ckpt], ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(embedded[old], embedded[new], atol=1e-2)  # two spaces, two embeddings
+    emb = json.loads((out / "report.json").read_text())["protocol"]["distractor_embeddings"]
+    assert emb == {"self_old": f"old model ({old})", "cross": f"old model ({old})", "self_new": f"new model ({new})"}
