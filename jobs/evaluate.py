@@ -33,11 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         config="the new model's training config: derives --new-checkpoint (STORAGE/NAME/final.pt), "
                "--old-checkpoint (compat.old_checkpoint) and --out (STORAGE/NAME/ijbc-report)",
         num_workers="feature-extraction actors (= unibct-ray eval --actors; default 2)",
-        use_gpu="not applicable: extraction actors embed on CPU (one model per actor); "
-                "the flag is refused rather than ignored",
+        use_gpu="embed on GPU actors and search FAISS shards on GPUs (= unibct-ray eval --use-gpu; "
+                "--gpus-per-actor and --batch-size pass through)",
         smoke_test="evaluate the checkpoints on a tiny synthetic IJB-C, report in OUT-smoke",
         epilog="Every other `unibct-ray eval` flag passes through unchanged: --criterion-far, --bootstrap, --seed,\n"
-               "--distractors, --distractor-features, --index, --shards, --overwrite, --num-cpus\n"
+               "--distractors, --distractor-features, --new-distractor-features, --index, --shards, --overwrite,\n"
+               "--num-cpus, --gpus-per-actor, --batch-size\n"
                "(see `unibct-ray eval --help`). --old-features/--new-features: use `unibct-ray eval` directly.",
     )
     p.add_argument("--ijbc", type=Path, default=None,
@@ -79,6 +80,7 @@ def cli_steps(a: argparse.Namespace, rest: list[str], old: Path, new: Path, out:
     """The ``unibct-ray`` command lines of this job."""
     ray = ["--address", a.address] if a.address else []
     actors = ["--actors", str(a.num_workers)] if a.num_workers is not None else []
+    actors += ["--use-gpu"] if a.use_gpu else []
     if not a.smoke_test:
         return [["eval", "--ijbc", str(a.ijbc), "--old-checkpoint", str(old), "--new-checkpoint", str(new),
                  "--out", str(out), *actors, *ray, *rest]]
@@ -93,8 +95,6 @@ def cli_steps(a: argparse.Namespace, rest: list[str], old: Path, new: Path, out:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a, rest = parser.parse_known_args(argv)
-    if a.use_gpu:
-        parser.error("--use-gpu: evaluation embeds on CPU actors (one model per actor); GPUs are not used")
     clash = [f for f in rest if f.split("=", 1)[0] in OWN_FLAGS]
     if clash:
         parser.error(f"{clash[0]}: not a flag of this job (--num-workers sets the extraction actors; "

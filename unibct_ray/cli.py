@@ -118,8 +118,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     args = EvalArgs(ijbc=a.ijbc, out=a.out, old_checkpoint=a.old_checkpoint, old_features=a.old_features,
                     new_checkpoint=a.new_checkpoint, new_features=a.new_features, criterion_far=a.criterion_far,
-                    distractors=a.distractors, distractor_features=a.distractor_features, index=a.index,
-                    shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite)
+                    distractors=a.distractors, distractor_features=a.distractor_features,
+                    new_distractor_features=a.new_distractor_features, index=a.index,
+                    shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite,
+                    use_gpu=a.use_gpu, gpus_per_actor=a.gpus_per_actor, batch_size=a.batch_size)
     r = run_eval(args, connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus))
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
@@ -290,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
              "Tests: self_old, self_new and cross (1:1: enrolment column OLD, verification NEW;\n"
              "1:N: galleries OLD, probes NEW). compatible = cross > self_old at --criterion-far\n"
              "(and, with --bootstrap N, the 95%% interval of the difference above 0).\n"
+             "With --distractors N each gallery gets N distractor faces embedded by its own\n"
+             "model (old galleries: old model, self_new: new model).\n"
              "Writes OUT/report.json, OUT/report.md, OUT/roc.png, OUT/cmc.png.",
              _cmd_eval)
     p.add_argument("--ijbc", required=True, type=Path, help="IJB-C root")
@@ -305,10 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap / distractor seed")
     p.add_argument("--distractors", type=int, default=0, help="distractors added to each 1:N gallery")
     p.add_argument("--distractor-features", type=Path, default=None,
-                   help="old-model embeddings of distractor faces (.npy); default: render synthetic faces")
+                   help="OLD-model embeddings of distractor faces (.npy), for the self_old and cross "
+                        "galleries; default with --old-checkpoint: render synthetic faces")
+    p.add_argument("--new-distractor-features", type=Path, default=None,
+                   help="NEW-model embeddings of the distractor faces (.npy), for the self_new galleries; "
+                        "default with --new-checkpoint: render synthetic faces")
     p.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat", help="FAISS index for 1:N")
     p.add_argument("--shards", type=int, default=2, help="gallery shards on Ray actors (1: in process)")
     p.add_argument("--actors", type=int, default=2, help="feature-extraction actors")
+    p.add_argument("--use-gpu", action="store_true",
+                   help="embed (IJB-C images, distractors) on GPU actors under fp16 autocast and search the "
+                        "FAISS shards on GPUs (flat, ivf; hnsw stays on CPU)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.5,
+                   help="GPU share of each extraction actor and FAISS shard with --use-gpu (default 0.5: "
+                        "two per GPU)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per forward pass of an extraction actor (default 64 for CPU actors; "
+                        "256-512 suits a GPU share)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")

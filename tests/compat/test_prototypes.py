@@ -197,3 +197,30 @@ def test_inputs_untouched_half_precision_and_validation():
 def test_bench_smoke():
     res = bench_refine(30, mean_size=8, max_size=40, d=16, repeats=1)
     assert res["classes"] == 30 and res["max_abs_diff"] < 1e-5 and res["speedup"] > 0
+
+
+def test_device_argument_cpu_equals_default():
+    """``device="cpu"`` given explicitly is the default path: identical prototypes."""
+    rng = np.random.default_rng(11)
+    labels = np.repeat(np.arange(7), [1, 2, 3, 5, 5, 8, 4])
+    old = rng.standard_normal((labels.size, 12)).astype(np.float32)
+    new = rng.standard_normal((labels.size, 12)).astype(np.float32)
+    default = refine_prototypes(old, new, labels, 8)
+    explicit = refine_prototypes(old, new, labels, 8, device="cpu")
+    assert explicit.device.type == "cpu"
+    assert torch.equal(default, explicit)
+    assert torch.equal(refine_prototypes(old, None, labels, 8, refine=False),
+                       refine_prototypes(old, None, labels, 8, refine=False, device=torch.device("cpu")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_matches_cpu():
+    rng = np.random.default_rng(12)
+    labels = np.repeat(np.arange(6), [1, 2, 9, 9, 30, 4])
+    old = rng.standard_normal((labels.size, 32)).astype(np.float32)
+    new = rng.standard_normal((labels.size, 32)).astype(np.float32)
+    cpu = refine_prototypes(old, new, labels, 6)
+    cuda = refine_prototypes(old, new, labels, 6, device="cuda")
+    assert cuda.device.type == "cpu"  # results come back to the host
+    assert torch.allclose(cuda, cpu, atol=1e-4)

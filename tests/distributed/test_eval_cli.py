@@ -46,7 +46,8 @@ def test_eval_from_features(ijbc_dir, tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["eval", "--ijbc", str(ijbc_dir), "--old-features", str(tmp_path / "old.npy"),
                  "--new-features", str(tmp_path / "new.npy"), "--out", str(out), "--bootstrap", "40",
-                 "--shards", "2", "--distractors", "50", "--distractor-features", str(tmp_path / "old.npy")])
+                 "--shards", "2", "--distractors", "50", "--distractor-features", str(tmp_path / "old.npy"),
+                 "--new-distractor-features", str(tmp_path / "new.npy")])
     assert code == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
     for test in ("self_old", "self_new", "cross"):
@@ -60,6 +61,80 @@ def test_eval_from_features(ijbc_dir, tmp_path, capsys):
         assert (out / f).stat().st_size > 0
     assert Image.open(out / "roc.png").size[0] > 100
     assert "Compatible:" in (out / "report.md").read_text()
+
+
+def _ref_templates(meta, feats: np.ndarray) -> dict[int, np.ndarray]:
+    """Template features by the protocol's definition, one template at a time (a plain loop):
+    normalise(sum over media of mean over the media's images of score * feature)."""
+    out = {}
+    for t in np.unique(meta.templates):
+        rows = np.flatnonzero(meta.templates == t)
+        acc = np.zeros(feats.shape[1])
+        for m in np.unique(meta.medias[rows]):
+            r = rows[meta.medias[rows] == m]
+            acc += (feats[r].astype(np.float64) * meta.scores[r, None]).mean(0)
+        out[int(t)] = acc / np.linalg.norm(acc)
+    return out
+
+
+def _ref_top1(meta, feats: np.ndarray, distractors: np.ndarray) -> float:
+    """Brute-force 1:N top-1 of one model: each gallery + the given distractors, every probe;
+    (hits G1 + hits G2) / probes. A distractor at rank 1 is a miss."""
+    tmpl = _ref_templates(meta, feats)
+    dist = distractors / np.linalg.norm(distractors, axis=1, keepdims=True)
+    hits = 0
+    for gal in (meta.gallery1, meta.gallery2):
+        g = np.stack([tmpl[int(t)] for t in gal.templates])
+        for t, subject in zip(meta.probes.templates.tolist(), meta.probes.subjects.tolist()):
+            scores = np.concatenate([g @ tmpl[t], dist @ tmpl[t]])
+            j = int(np.argmax(scores))
+            hits += j < len(g) and int(gal.subjects[j]) == subject
+    return hits / len(meta.probes)
+
+
+def test_each_gallery_gets_distractors_of_its_own_model(ijbc_dir, tmp_path, capsys):
+    """new = old @ R (R orthogonal): the new model is the old one in a rotated space, so with
+    distractors embedded by the new model self_new must equal self_old and the brute-force
+    reference; old-space distractors in the new gallery would give other figures."""
+    meta = ijbc.read_ijbc_meta(ijbc_dir)
+    d = 16
+    old = features(meta, 1.0, 1, d)
+    rot, _ = np.linalg.qr(np.random.default_rng(5).standard_normal((d, d)))
+    new = (old @ rot).astype(np.float32)
+    # Hard distractors: near the centres of the gallery subjects, so they take rank 1 often.
+    rng = np.random.default_rng(7)
+    subjects = np.unique(np.concatenate([meta.gallery1.subjects, meta.gallery2.subjects]))
+    old_d = np.stack([np.random.default_rng(1000 + s).standard_normal(d) + 0.6 * rng.standard_normal(d)
+                      for s in np.repeat(subjects, 2)]).astype(np.float32)
+    new_d = (old_d @ rot).astype(np.float32)
+    for name, arr in (("old", old), ("new", new), ("old_d", old_d), ("new_d", new_d)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    n_d = len(old_d)
+    base = ["eval", "--ijbc", str(ijbc_dir), "--old-features", str(tmp_path / "old.npy"),
+            "--new-features", str(tmp_path / "new.npy"), "--bootstrap", "0", "--shards", "1",
+            "--distractors", str(n_d), "--distractor-features", str(tmp_path / "old_d.npy")]
+
+    # No new-model distractor embeddings: refused before any work, naming the flag.
+    assert main([*base, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "--new-distractor-features" in err and "self_new" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "r"
+    assert main([*base, "--new-distractor-features", str(tmp_path / "new_d.npy"), "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    top1 = {t: rep["identification"][t]["top1"] for t in ("self_old", "self_new")}
+    right = _ref_top1(meta, new, new_d)
+    wrong = _ref_top1(meta, new, old_d)  # what appending the old model's distractors gives
+    assert top1["self_new"] == pytest.approx(right, abs=1e-9)
+    assert top1["self_old"] == pytest.approx(_ref_top1(meta, old, old_d), abs=1e-9)
+    assert right == pytest.approx(top1["self_old"], abs=1e-9)  # rotation changes nothing
+    assert wrong - right > 0.1, (wrong, right)  # the distractors matter, and in the right space only
+    for test in ("self_old", "self_new"):
+        assert rep["identification"][test] == pytest.approx(rep["identification"]["self_old"], abs=1e-9)
+    emb = rep["protocol"]["distractor_embeddings"]
+    assert emb["self_new"].startswith("new model") and "new_d.npy" in emb["self_new"]
+    assert emb["self_old"].startswith("old model") and emb["cross"].startswith("old model")
 
 
 def test_one_model_only(ijbc_dir, tmp_path):

@@ -176,6 +176,16 @@ def test_evaluate_paths_from_the_new_model_config(tmp_path):
     assert ns.command == "eval"
     assert (ns.ijbc, ns.old_checkpoint, ns.new_checkpoint, ns.out) == (Path("/data/ijb"), old, new, Path("/r/x"))
     assert (ns.actors, ns.shards, ns.bootstrap, ns.address) == (6, 4, 50, "h:6379")
+    assert not ns.use_gpu
+
+
+def test_evaluate_use_gpu_reaches_the_eval_command():
+    a, rest = eval_job.build_parser().parse_known_args(
+        ["--ijbc", "i", "--old-checkpoint", "o.pt", "--new-checkpoint", "n.pt", "--out", "r", "--use-gpu",
+         "--gpus-per-actor", "0.25", "--batch-size", "512"])
+    (step,) = eval_job.cli_steps(a, rest, *eval_job.resolve(a))
+    ns = cli_parser().parse_args(step)
+    assert (ns.use_gpu, ns.gpus_per_actor, ns.batch_size) == (True, 0.25, 512)
 
 
 def test_evaluate_without_config_needs_both_checkpoints(tmp_path):
@@ -200,7 +210,6 @@ def test_evaluate_smoke_renders_a_tiny_ijbc(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--ijbc", "i", "--use-gpu"], "GPUs are not used"),
     (["--ijbc", "i", "--actors", "3"], "--num-workers sets the extraction actors"),
     (["--old-checkpoint", "o.pt"], "--ijbc is required"),
 ])

@@ -196,3 +196,25 @@ def test_bench_generator_and_public_side(data):
     s_pub, done = public_pair_scores(pub, pub, pub_ids, meta.pairs, batch=1000)
     assert done == math.ceil(meta.n_pairs / 1000)
     np.testing.assert_allclose(s_pub, pair_scores(ids, ours, ours, meta.pairs), atol=1e-5)
+
+
+def test_knn_per_gallery_model(data, evaluated):
+    """A mapping {"old": KNN, "new": KNN}: each 1:N test searches with the backend of its
+    gallery model (self_old and cross: old; self_new: new)."""
+    from unibct_ray.metrics.distractors import DistractorKNN
+    from unibct_ray.metrics.knn import brute_force_knn
+
+    meta, old, new = data
+    ref = evaluated[0]
+    # Distractors equal to copies of every gallery template of the new model: any search with
+    # them gives a distractor at rank 1 of every probe, so top-1 drops to 0 - for self_new only.
+    _, pooled = pool_templates(new, meta.templates, meta.medias, meta.scores)
+    rep, _ = evaluate_features(meta, old, new, knn={"old": brute_force_knn, "new": DistractorKNN(
+        brute_force_knn, pooled * (1 + 1e-3), embedded_by="the new model")})
+    assert rep["protocol"]["score_grid_shared"] is False
+    assert rep["identification"]["self_new"]["top1"] == 0.0 < ref["identification"]["self_new"]["top1"]
+    for t in ("self_old", "cross"):
+        assert rep["identification"][t] == pytest.approx(ref["identification"][t], abs=1e-9)
+    assert "new galleries:" in rep["protocol"]["knn"] and "embedded by the new model" in rep["protocol"]["knn"]
+    with pytest.raises(ValueError, match="no 'new' one"):
+        evaluate_features(meta, old, new, knn={"old": brute_force_knn})

@@ -174,7 +174,8 @@ def _bytes_per_class(n: int, d: int, itemsize: int) -> int:
 def refine_prototypes(old: ArrayLike, new: ArrayLike | None, labels: ArrayLike, num_classes: int,
                       lam: float = 0.9, tau: float = 0.05, axis: Axis = "row", refine: bool = True,
                       dtype: torch.dtype = torch.float32, on_absent: Literal["zero", "raise"] = "zero",
-                      max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> torch.Tensor:
+                      max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+                      device: str | torch.device = "cpu") -> torch.Tensor:
     """Structurally refined class prototypes ``[C, d]`` (L2-normalised rows), vectorised.
 
     Args:
@@ -189,6 +190,8 @@ def refine_prototypes(old: ArrayLike, new: ArrayLike | None, labels: ArrayLike, 
         dtype: compute/output dtype (float32 default; see the module docstring).
         on_absent: classes without rows -> zero rows (``"zero"``) or ``ValueError`` (``"raise"``).
         max_batch_bytes: memory budget of one batched solve.
+        device: where the batched solves run (``"cuda"`` on a refinement actor given a GPU
+            share); the inputs are copied there and the result comes back on the CPU.
 
     Classes are grouped by size ``n_c``; each size is one batched solve, chunked to
     ``B = max(1, max_batch_bytes // ((n d + 4 n^2) * itemsize + 8 n))`` classes. Peak memory of a
@@ -207,22 +210,25 @@ def refine_prototypes(old: ArrayLike, new: ArrayLike | None, labels: ArrayLike, 
         raise ValueError(f"lam must be in [0, 1), got {lam}")
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
+    dev = torch.device(device)
     old_t = _tensor(old, "old")
     if old_t.dim() != 2:
         raise ValueError(f"old must be [n, d], got {list(old_t.shape)}")
-    lab = _labels(labels, old_t.shape[0], num_classes).to(old_t.device)
+    lab = _labels(labels, old_t.shape[0], num_classes)
     counts = torch.bincount(lab, minlength=num_classes)
     if on_absent == "raise" and bool((counts == 0).any()):
         missing = torch.nonzero(counts == 0).squeeze(1)
         raise ValueError(f"refine_prototypes: {missing.numel()} of {num_classes} classes have no rows "
                          f"(first: class {int(missing[0])})")
     if not refine:
-        return class_means(old_t, lab, num_classes, normalize=True, dtype=dtype)
+        return class_means(old_t, lab, num_classes, normalize=True, dtype=dtype).cpu()
     if new is None:
         raise ValueError("refine_prototypes: refine=True needs the new-model features")
-    new_t = _tensor(new, "new").to(old_t.device)
+    new_t = _tensor(new, "new")
     if new_t.shape != old_t.shape:
         raise ValueError(f"old {list(old_t.shape)} and new {list(new_t.shape)} features differ in shape")
+    # Everything below runs on ``dev`` (a no-op copy for CPU inputs on the CPU).
+    old_t, new_t, lab, counts = old_t.to(dev), new_t.to(dev), lab.to(dev), counts.to(dev)
 
     d = old_t.shape[1]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -253,7 +259,7 @@ def refine_prototypes(old: ArrayLike, new: ArrayLike | None, labels: ArrayLike, 
             o_b = old_t.index_select(0, rows).view(shape).to(dtype)
             out[cls] = _prototypes_from_weights(u, o_b)
             del o_b
-    return out
+    return out.cpu()
 
 
 def refine_class_range(old: ArrayLike, new: ArrayLike | None, labels: ArrayLike, class_start: int,

@@ -7,6 +7,16 @@ checkpoint's content hash, so a rerun, or an evaluation interrupted after one mo
 recompute them. The metrics are the pure functions of ``unibct_ray.metrics``; 1:N searches go
 through FAISS shards on Ray actors.
 
+With ``use_gpu`` the extraction and distractor actors each ask for ``gpus_per_actor`` of a GPU
+and embed there under fp16 autocast (``unibct_ray.inference``); the FAISS shard actors ask for
+a share too and search on the GPU when faiss has GPU support (flat and ivf; hnsw stays on CPU).
+
+Distractors are appended to each 1:N gallery in the gallery's own embedding space: old-model
+distractor embeddings to the galleries of self_old and cross (old galleries), new-model ones
+to those of self_new. From checkpoints the distractor faces are rendered once and embedded by
+each model in the same pass; from feature files they come from ``--distractor-features`` (old
+model) and ``--new-distractor-features`` (new model).
+
 Every input is checked before any work starts (checkpoints load and fit their architecture,
 feature files have the right rows, dtype and no NaN/inf, both models share one embedding size,
 every image file exists), so a bad input fails in seconds and leaves no output behind. An
@@ -47,7 +57,8 @@ class EvalArgs:
     new_features: Path | None = None
     criterion_far: float = 1e-4
     distractors: int = 0
-    distractor_features: Path | None = None
+    distractor_features: Path | None = None  # the OLD model's distractor embeddings
+    new_distractor_features: Path | None = None  # the NEW model's distractor embeddings
     index: str = "flat"
     shards: int = 2
     bootstrap: int = 0
@@ -55,6 +66,9 @@ class EvalArgs:
     actors: int = 2
     overwrite: bool = False
     cache_dir: Path | None = None  # default OUT/cache; share one between runs on the same IJB-C folder
+    use_gpu: bool = False  # extraction / distractor actors and FAISS shards on GPU shares
+    gpus_per_actor: float = 0.5  # GPU share of each extraction actor and FAISS shard (use_gpu)
+    batch_size: int = 64  # images per forward pass of an extraction actor
 
 
 def load_feature_file(path: Path, n_images: int | None, what: str, *, min_rows: int = 0) -> np.ndarray:
@@ -88,24 +102,24 @@ def load_feature_file(path: Path, n_images: int | None, what: str, *, min_rows: 
 class _AlignEmbed:
     """Actor-pool UDF: read, align (5 points), embed image + mirror with each model, sum.
 
-    Several models share one pass (each image is read and aligned once per input size);
-    model k's features come back in column ``feature_k``.
+    Several models share one pass (each image is read and aligned once per input size, and
+    copied to the device once); model k's features come back in column ``feature_k``.
+    ``use_gpu``: the actor was given a GPU share (fp16 autocast there; float32 on one CPU
+    thread otherwise, see ``unibct_ray.inference``).
     """
 
-    def __init__(self, checkpoints: list[str]):
-        import torch
-
+    def __init__(self, checkpoints: list[str], use_gpu: bool = False):
         from unibct_ray.checkpoint import build_backbone_from_checkpoint
+        from unibct_ray.inference import DeviceEmbedder
 
-        torch.set_num_threads(1)
-        self.models, self.sizes = [], []
+        models, self.sizes = [], []
         for c in checkpoints:
             model, cfg, _ = build_backbone_from_checkpoint(c)
-            self.models.append(model)
+            models.append(model)
             self.sizes.append(cfg.data.image_size)
+        self.embedder = DeviceEmbedder(models, use_gpu=use_gpu)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
         from PIL import Image
 
         from unibct_ray.data.landmarks import align_face
@@ -122,15 +136,13 @@ class _AlignEmbed:
                 images.append(np.zeros((max(self.sizes), max(self.sizes), 3), np.uint8))
                 errors.append(f"{path}: image does not decode ({str(e).splitlines()[0][:160]})")
         out = {"row": batch["row"], "error": np.asarray(errors, dtype=object)}
-        crops: dict[int, torch.Tensor] = {}
-        for k, (model, size) in enumerate(zip(self.models, self.sizes)):
+        crops: dict[int, object] = {}  # input size -> [b, 3, s, s] on the device
+        for k, size in enumerate(self.sizes):
             if size not in crops:
-                crops[size] = torch.from_numpy(to_tensor_layout(np.stack([
+                crops[size] = self.embedder.to_device(to_tensor_layout(np.stack([
                     align_face(img, np.asarray(lm, np.float32).reshape(5, 2), size)
                     for img, lm in zip(images, batch["landmarks"])])))
-            x = crops[size]
-            with torch.inference_mode():
-                out[f"feature_{k}"] = (model(x) + model(torch.flip(x, dims=[3]))).float().numpy()
+            out[f"feature_{k}"] = self.embedder.embed(crops[size], model=k, flip_sum=True)
         return out
 
 
@@ -190,21 +202,36 @@ def _cache_path(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path) -> tuple
 
 
 def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, actors: int,
-                        overwrite: bool = False) -> np.ndarray:
+                        overwrite: bool = False, **device: object) -> np.ndarray:
     """Per-image ``emb + emb_flip`` [n, d] of a checkpoint over the IJB-C images (cached).
 
     The cache file is keyed by the checkpoint's and the folder's content and written
     atomically; an existing one is reused, never replaced, unless ``overwrite``.
+    ``device``: the keyword arguments ``gpus_per_actor`` and ``batch_size`` of
+    :func:`checkpoints_features`.
     """
-    return checkpoints_features(meta, [checkpoint], cache_dir, actors, overwrite)[0]
+    return checkpoints_features(meta, [checkpoint], cache_dir, actors, overwrite, **device)[0]
+
+
+def _pool_args(actors: int, gpus_per_actor: float) -> dict:
+    """``map_batches`` arguments of an embedding actor pool: one CPU each, and a GPU share
+    when ``gpus_per_actor`` > 0 (the actor then embeds on that GPU)."""
+    out = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": 1}
+    if gpus_per_actor > 0:
+        out["num_gpus"] = gpus_per_actor
+    return out
 
 
 def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir: Path, actors: int,
-                         overwrite: bool = False) -> list[np.ndarray]:
+                         overwrite: bool = False, *, gpus_per_actor: float = 0.0,
+                         batch_size: int = 64) -> list[np.ndarray]:
     """``checkpoint_features`` of several checkpoints with one actor pool and one pass.
 
     The checkpoints not yet cached are embedded together: each actor loads all of them once,
     and each image is read and aligned once. Each gets its own cache file.
+    ``gpus_per_actor`` > 0: each actor asks for that GPU share and embeds on it (fp16
+    autocast; features equal the CPU ones to fp16 precision, cosine > 0.999).
+    ``batch_size``: images per forward pass.
     """
     from unibct_ray.checkpoint import load_checkpoint
 
@@ -226,8 +253,8 @@ def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir
         "landmarks": pa.FixedSizeListArray.from_arrays(pa.array(meta.landmarks.reshape(-1), pa.float32()), 10),
     })
     ds = ray.data.from_arrow(table).repartition(max(1, min(len(rows) // 256, 4 * actors))).map_batches(
-        _AlignEmbed, fn_constructor_kwargs={"checkpoints": ckpts}, batch_size=64,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+        _AlignEmbed, fn_constructor_kwargs={"checkpoints": ckpts, "use_gpu": gpus_per_actor > 0},
+        batch_size=batch_size, batch_format="numpy", **_pool_args(actors, gpus_per_actor),
     )
     feats: list[np.ndarray | None] = [None] * len(ckpts)
     done = np.zeros(len(rows), bool)
@@ -258,65 +285,124 @@ def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir
     return [r if r is not None else by_cache[caches[k]] for k, r in enumerate(result)]
 
 
-def _distractor_features(a: EvalArgs, cache_dir: Path) -> np.ndarray | None:
-    if a.distractors <= 0:
-        return None
-    if a.distractor_features:
-        arr = load_feature_file(a.distractor_features, None, "distractor features", min_rows=a.distractors)
-        arr = arr[: a.distractors]
-    elif a.old_checkpoint:
-        arr = _render_distractors(a.old_checkpoint, a.distractors, a.seed, cache_dir, a.actors)
-    else:
-        raise UserError("--distractors needs old-model embeddings of distractor faces: give --old-checkpoint "
-                        "(synthetic faces are rendered and embedded) or --distractor-features F.npy")
+def _normalised(arr: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(arr, axis=1, keepdims=True)
     return arr / np.where(norms > 0, norms, 1)
 
 
+def _distractor_sources(a: EvalArgs, sides: list[str]) -> dict[str, tuple[str, Path]]:
+    """Where each gallery model's distractor embeddings come from -> {side: ("file"|"checkpoint", path)}.
+
+    ``sides``: the models whose galleries are searched ("old" for self_old and cross, "new"
+    for self_new). Raises ``UserError`` (before any work) naming the missing flag.
+    """
+    out: dict[str, tuple[str, Path]] = {}
+    for side in sides:
+        flag, feats = (("--distractor-features", a.distractor_features) if side == "old"
+                       else ("--new-distractor-features", a.new_distractor_features))
+        ckpt = a.old_checkpoint if side == "old" else a.new_checkpoint
+        if feats:
+            out[side] = ("file", feats)
+        elif ckpt:
+            out[side] = ("checkpoint", ckpt)
+        else:
+            test = "self_old and cross" if side == "old" else "self_new"
+            raise UserError(f"--distractors {a.distractors}: the {test} galleries need {side}-model embeddings of "
+                            f"the distractor faces: give {flag} F.npy (or --{side}-checkpoint to render and "
+                            "embed synthetic faces)")
+    return out
+
+
+def _distractor_features(a: EvalArgs, cache_dir: Path, sides: list[str]) -> dict[str, np.ndarray]:
+    """L2-normalised distractor embeddings [n_d, d] per gallery model ("old", "new").
+
+    Each model's distractors are embedded by that model: feature files as given, and for
+    checkpoints the same synthetic faces rendered once and embedded by every model needing
+    them in one pass.
+    """
+    if a.distractors <= 0:
+        return {}
+    src = _distractor_sources(a, sides)
+    out: dict[str, np.ndarray] = {}
+    for side, (kind, path) in src.items():
+        if kind == "file":
+            flag = "distractor features" if side == "old" else "new-model distractor features"
+            out[side] = load_feature_file(path, None, flag, min_rows=a.distractors)[: a.distractors]
+    to_render = [(side, path) for side, (kind, path) in src.items() if kind == "checkpoint"]
+    if to_render:
+        rendered = _render_distractors([p for _, p in to_render], a.distractors, a.seed, cache_dir, a.actors,
+                                       gpus_per_actor=a.gpus_per_actor if a.use_gpu else 0.0,
+                                       batch_size=a.batch_size)
+        out.update({side: arr for (side, _), arr in zip(to_render, rendered)})
+    return {side: _normalised(arr) for side, arr in out.items()}
+
+
 class _RenderEmbed:
-    """Actor-pool UDF: render synthetic faces (identities never used elsewhere) and embed them."""
+    """Actor-pool UDF: render synthetic faces (identities never used elsewhere) and embed them
+    with each model; model k's embeddings (``emb + emb_flip``) in column ``feature_k``.
 
-    def __init__(self, checkpoint: str, seed: int):
-        import torch
+    One rendering serves every model: each gallery gets the same faces, embedded in its own space.
+    """
 
+    def __init__(self, checkpoints: list[str], seed: int, use_gpu: bool = False):
         from unibct_ray.checkpoint import build_backbone_from_checkpoint
+        from unibct_ray.inference import DeviceEmbedder
 
-        torch.set_num_threads(1)
-        self.model, cfg, _ = build_backbone_from_checkpoint(checkpoint)
-        self.size, self.seed = cfg.data.image_size, seed
+        models, self.sizes = [], []
+        for c in checkpoints:
+            model, cfg, _ = build_backbone_from_checkpoint(c)
+            models.append(model)
+            self.sizes.append(cfg.data.image_size)
+        self.embedder = DeviceEmbedder(models, use_gpu=use_gpu)
+        self.seed = seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         from unibct_ray.data.faces import render_aligned, sample_identity
 
-        imgs = []
-        for i in batch["id"].tolist():
-            ident = sample_identity(self.seed, 2_000_000_000 + i)  # far from training/eval ids
-            imgs.append(render_aligned(ident, np.random.default_rng([self.seed, 99, i]), self.size))
-        x = torch.from_numpy(to_tensor_layout(np.stack(imgs)))
-        with torch.inference_mode():
-            f = self.model(x) + self.model(torch.flip(x, dims=[3]))
-        return {"id": batch["id"], "feature": f.float().numpy()}
+        out = {"id": batch["id"]}
+        crops: dict[int, object] = {}
+        for k, size in enumerate(self.sizes):
+            if size not in crops:
+                imgs = []
+                for i in batch["id"].tolist():
+                    ident = sample_identity(self.seed, 2_000_000_000 + i)  # far from training/eval ids
+                    imgs.append(render_aligned(ident, np.random.default_rng([self.seed, 99, i]), size))
+                crops[size] = self.embedder.to_device(to_tensor_layout(np.stack(imgs)))
+            out[f"feature_{k}"] = self.embedder.embed(crops[size], model=k, flip_sum=True)
+        return out
 
 
-def _render_distractors(checkpoint: Path, n: int, seed: int, cache_dir: Path, actors: int) -> np.ndarray:
-    cache = cache_dir / f"distractors-{_file_hash(checkpoint)}-{seed}-{n}.npy"
-    if cache.exists():
-        return np.load(cache, allow_pickle=False)
+def _render_distractors(checkpoints: list[Path], n: int, seed: int, cache_dir: Path, actors: int, *,
+                        gpus_per_actor: float = 0.0, batch_size: int = 64) -> list[np.ndarray]:
+    """``n`` synthetic distractor faces embedded by each checkpoint -> [n, d] per checkpoint.
+
+    Cached per checkpoint (content hash), seed and count; the checkpoints without a cache
+    file are embedded together in one pass over one rendering.
+    """
+    caches = [cache_dir / f"distractors-{_file_hash(Path(c))}-{seed}-{n}.npy" for c in checkpoints]
+    result: list[np.ndarray | None] = [np.load(c, allow_pickle=False) if c.exists() else None for c in caches]
+    todo = list(dict.fromkeys(str(checkpoints[k]) for k, r in enumerate(result) if r is None))
+    if not todo:
+        return result
     ds = ray.data.range(n).map_batches(
-        _RenderEmbed, fn_constructor_kwargs={"checkpoint": str(checkpoint), "seed": seed}, batch_size=64,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
-    out = None
+        _RenderEmbed, fn_constructor_kwargs={"checkpoints": todo, "seed": seed, "use_gpu": gpus_per_actor > 0},
+        batch_size=batch_size, batch_format="numpy", **_pool_args(actors, gpus_per_actor))
+    feats: list[np.ndarray | None] = [None] * len(todo)
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-        if out is None:
-            out = np.zeros((n, b["feature"].shape[1]), np.float32)
-        out[b["id"]] = b["feature"]
+        for j in range(len(todo)):
+            f = b[f"feature_{j}"]
+            if feats[j] is None:
+                feats[j] = np.zeros((n, f.shape[1]), np.float32)
+            feats[j][b["id"]] = f
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp.npy")
-    np.save(tmp, out)
-    os.replace(tmp, cache)
-    return out
+    done = dict(zip(todo, feats))
+    for k, c in enumerate(caches):
+        if result[k] is None:
+            result[k] = done[str(checkpoints[k])]
+            tmp = c.with_name(f".{c.name}.tmp.npy")
+            np.save(tmp, result[k])
+            os.replace(tmp, c)
+    return result
 
 
 def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
@@ -339,6 +425,10 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
         raise UserError(f"{a.out}/report.json: already exists (pass --overwrite to replace it)")
     if a.index not in ("flat", "ivf", "hnsw"):
         raise UserError(f"--index must be flat, ivf or hnsw, got {a.index!r}")
+    if not 0 < a.gpus_per_actor <= 1:
+        raise UserError(f"--gpus-per-actor must be in (0, 1], got {a.gpus_per_actor}")
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
     meta = ijbc.read_ijbc_meta(a.ijbc)
     n = len(meta.image_names)
     cache = a.cache_dir if a.cache_dir is not None else a.out / "cache"
@@ -356,34 +446,51 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
         (src_o, d_o), (src_n, d_n) = dims["old"], dims["new"]
         raise DataFormatError(f"{src_n}: embedding size {d_n} differs from {src_o} ({d_o}); "
                               "a cross-model test needs one embedding space")
-    if a.distractors > 0 and a.distractor_features:
-        dist = load_feature_file(a.distractor_features, None, "distractor features", min_rows=a.distractors)
-        if "old" in dims and dist.shape[1] != dims["old"][1]:
-            raise DataFormatError(f"{a.distractor_features}: dimension {dist.shape[1]} differs from the old "
-                                  f"model's {dims['old'][1]} ({dims['old'][0]})")
-        del dist
+    # The models whose galleries are searched: old for self_old and cross, new for self_new.
+    sides = [s for s in ("old", "new") if s in dims]
+    if a.distractors > 0:
+        for side, (kind, path) in _distractor_sources(a, sides).items():
+            if kind != "file":
+                continue
+            flag = "distractor features" if side == "old" else "new-model distractor features"
+            dist = load_feature_file(path, None, flag, min_rows=a.distractors)
+            if dist.shape[1] != dims[side][1]:
+                raise DataFormatError(f"{path}: dimension {dist.shape[1]} differs from the {side} "
+                                      f"model's {dims[side][1]} ({dims[side][0]})")
+            del dist
 
     if connect is not None and (a.old_checkpoint or a.new_checkpoint or a.shards > 1):
         connect()
+    gpus = a.gpus_per_actor if a.use_gpu else 0.0
 
     # Both checkpoints (when both sides are models) in one extraction pass.
     embed = {w: c for w, c in (("old", a.old_checkpoint), ("new", a.new_checkpoint)) if c and w not in loaded}
     if embed:
         loaded.update(zip(embed, checkpoints_features(meta, list(embed.values()), cache, a.actors,
-                                                      overwrite=a.overwrite)))
+                                                      overwrite=a.overwrite, gpus_per_actor=gpus,
+                                                      batch_size=a.batch_size)))
     old, new = loaded.get("old"), loaded.get("new")
-    base = RayShardedKNN(shards=a.shards, index=a.index) if a.shards > 1 else FaissKNN(index=a.index)
+    base = (RayShardedKNN(shards=a.shards, index=a.index, gpus_per_shard=gpus) if a.shards > 1
+            else FaissKNN(index=a.index, use_gpu=a.use_gpu))
     recall = RecallKNN(base) if a.index != "flat" else None
     knn = recall or base
-    distractors = _distractor_features(a, cache)
-    if distractors is not None:
-        knn = DistractorKNN(knn, distractors)
+    distractors = _distractor_features(a, cache, sides)
+    if distractors:
+        # Each gallery searched with the distractors of its own model (evaluate_features picks
+        # the backend by the model on the gallery side of each test).
+        knn = {side: DistractorKNN(knn, distractors[side], embedded_by=f"the {side} model") for side in sides}
     # The shard actors stay up for the evaluation's six searches (three tests x two galleries).
     with base if isinstance(base, RayShardedKNN) else contextlib.nullcontext():
         report, curves = evaluate_features(meta, old, new, knn=knn, criterion_far=a.criterion_far,
                                            bootstrap=a.bootstrap, seed=a.seed)
+    if distractors:
+        report.setdefault("protocol", {})["distractor_embeddings"] = {
+            test: f"{side} model ({_distractor_sources(a, [side])[side][1]})"
+            for test, side in (("self_old", "old"), ("cross", "old"), ("self_new", "new")) if side in distractors
+            and (test != "cross" or len(sides) == 2)}
     report.setdefault("protocol", {}).update({
         "ijbc": str(meta.root), "index": a.index, "shards": a.shards, "distractors": a.distractors,
+        "inference_device": f"GPU ({gpus:g} per actor, fp16 autocast)" if gpus else "CPU (float32)",
         "old": str(a.old_checkpoint or a.old_features or ""), "new": str(a.new_checkpoint or a.new_features or ""),
         "pixel_normalisation": "(x - 127.5) / 127.5", "alignment": "5-point similarity to the ArcFace template",
     })

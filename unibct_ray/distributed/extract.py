@@ -15,8 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
-
 from unibct_ray.data.images import decode_images
 from unibct_ray.data.shards import ShardInfo, StagedDir, read_manifest, write_manifest
 from unibct_ray.distributed.data import FEATURE_COLUMN, read_shard_set
@@ -25,31 +23,36 @@ __all__ = ["Embedder", "extract_features"]
 
 
 class Embedder:
-    """Callable class for ``map_batches``: decode (no flip) -> backbone -> feature column."""
+    """Callable class for ``map_batches``: decode (no flip) -> backbone -> feature column.
+
+    ``use_gpu``: the actor was given a GPU share (``num_gpus`` of the pool), so the backbone
+    runs there under fp16 autocast (:class:`unibct_ray.inference.DeviceEmbedder`); otherwise
+    on one CPU thread in float32, as always.
+    """
 
     def __init__(self, checkpoint: str, column: str, keep_images: bool, image_size: int | None = None,
-                 state_dict: dict | None = None, model_spec: dict | None = None):
-        torch.set_num_threads(1)  # one actor per core: intra-op threads would oversubscribe
+                 state_dict: dict | None = None, model_spec: dict | None = None, use_gpu: bool = False):
+        from unibct_ray.inference import DeviceEmbedder
+
         if checkpoint:
             from unibct_ray.checkpoint import build_backbone_from_checkpoint
 
-            self.model, cfg, _ = build_backbone_from_checkpoint(checkpoint)
+            model, cfg, _ = build_backbone_from_checkpoint(checkpoint)
             self.size = image_size or cfg.data.image_size
         else:  # weights handed over directly (between epochs, from the live run)
             from unibct_ray.models.iresnet import build_backbone
 
-            self.model = build_backbone(**model_spec)
-            self.model.load_state_dict(state_dict)
-            self.model.eval()
+            model = build_backbone(**model_spec)
+            model.load_state_dict(state_dict)
             self.size = image_size or model_spec["input_size"]
+        self.embedder = DeviceEmbedder([model], use_gpu=use_gpu)
         self.column = column
         self.keep_images = keep_images
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys = batch.column("index").to_numpy()
         x = decode_images(batch.column("image").to_pylist(), self.size, None, keys=keys)
-        with torch.inference_mode():
-            feats = self.model(torch.from_numpy(x)).float().numpy()
+        feats = self.embedder.embed(x)  # float32 [b, d]
         cols = {name: batch.column(name) for name in batch.column_names if name != "image" or self.keep_images}
         d = feats.shape[1]
         cols[self.column] = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), pa.float32()), d)
@@ -68,6 +71,7 @@ def extract_features(
     actors: int = 2,
     batch_size: int = 256,
     cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
     task_cpus: float = 1.0,
     overwrite: bool = False,
 ) -> Path:
@@ -77,6 +81,9 @@ def extract_features(
     refinement actors can read class ranges with Parquet row-group statistics.
     ``task_cpus``: the CPUs each read / write task asks for (a run inside a training loop
     asks for less, so that it fits beside the training workers).
+    ``gpus_per_actor``: the GPU share of each actor (``unibct_ray.resources``); > 0 embeds on
+    the GPU under fp16 autocast, 0 on one CPU thread per actor in float32. ``batch_size``:
+    images per forward pass (``extract_batch`` of the config).
     """
     src = read_manifest(shards)
     ctx = ray.data.DataContext.get_current()
@@ -89,9 +96,10 @@ def extract_features(
             batch_size=batch_size,
             fn_constructor_kwargs={"checkpoint": str(checkpoint or ""), "column": column,
                                    "keep_images": keep_images, "state_dict": state_dict,
-                                   "model_spec": model_spec},
+                                   "model_spec": model_spec, "use_gpu": gpus_per_actor > 0},
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor,
+            **({"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {}),
         )
         with StagedDir(out, overwrite=overwrite) as stage:
             ds.write_parquet(str(stage.path), min_rows_per_file=50_000, ray_remote_args={"num_cpus": task_cpus})

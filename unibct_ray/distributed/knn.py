@@ -6,6 +6,10 @@ a SPREAD placement group, so on a cluster the shards land on different nodes and
 is gallery/shards. The merge (``unibct_ray.metrics.knn.merge_topk``) is exact, ties included,
 so a flat index over K shards returns exactly what one flat index returns.
 
+With ``gpus_per_shard`` > 0 each actor asks for that GPU share and builds a GPU index (flat,
+ivf) when faiss has GPU support there; hnsw has no GPU index and stays on the CPU. Each actor
+reports where it searched, so the report says what actually ran.
+
 A shard whose actor dies (its process or node is lost) gets a new actor, its slice is loaded
 again and its search rerun, up to ``RayShardedKNN.retries`` times; after that the search fails
 with ``JobFailedError`` naming the shard. A result never comes from part of the gallery.
@@ -35,10 +39,11 @@ class FaissShardActor:
     a lost actor and loads its shard again.
     """
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, use_gpu: bool = False) -> None:
         import faiss
 
         faiss.omp_set_num_threads(threads)
+        self.use_gpu = use_gpu  # given a GPU share: search there when faiss can
         self.gallery: np.ndarray | None = None
         self._built: tuple | None = None  # (FaissKNN, its index) kept by ``build``
 
@@ -52,17 +57,21 @@ class FaissShardActor:
         parameters skip the build (a long-lived gallery; the benchmark's search-only timing)."""
         if self.gallery is None:
             raise RuntimeError("shard actor has no gallery loaded (it was restarted?)")
-        knn = FaissKNN(index=index, nlist=nlist, nprobe=nprobe, M=M)
+        knn = FaissKNN(index=index, nlist=nlist, nprobe=nprobe, M=M, use_gpu=self.use_gpu)
         self._built = (knn, knn.build(self.gallery))
 
     def node_id(self) -> str:
         """The Ray node this shard lives on (placement checks)."""
         return ray.get_runtime_context().get_node_id()
 
+    def device(self, index: str) -> str:
+        """Where this shard searches an ``index`` ("" for a CPU shard nobody asked to move)."""
+        return FaissKNN(index=index, use_gpu=self.use_gpu).device_note()
+
     def search(self, queries: np.ndarray, k: int, index: str, nlist: int, nprobe: int, M: int):
         if self.gallery is None:
             raise RuntimeError("shard actor has no gallery loaded (it was restarted?)")
-        knn = FaissKNN(index=index, nlist=nlist, nprobe=nprobe, M=M)
+        knn = FaissKNN(index=index, nlist=nlist, nprobe=nprobe, M=M, use_gpu=self.use_gpu)
         if self._built is not None and self._built[0] == knn:
             return knn.search_built(self._built[1], self.gallery, queries, k)
         return knn(self.gallery, queries, k)
@@ -84,6 +93,8 @@ class RayShardedKNN:
     nprobe: int = 32
     M: int = 32
     retries: int = 2  # new actors per shard after a loss, before the search fails
+    gpus_per_shard: float = 0.0  # GPU share of each shard actor (> 0: GPU index where faiss can)
+    devices: list[str] = field(default_factory=list, init=False, repr=False, compare=False)  # per shard, last call
     placement: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
     recoveries: int = field(default=0, init=False, repr=False, compare=False)  # actors replaced, last call
     _keep: bool = field(default=False, init=False, repr=False, compare=False)
@@ -91,7 +102,12 @@ class RayShardedKNN:
 
     @property
     def description(self) -> str:
-        return f"{FaissKNN(index=self.index, nlist=self.nlist, nprobe=self.nprobe, M=self.M).description} over {self.shards} Ray actor shards"
+        base = FaissKNN(index=self.index, nlist=self.nlist, nprobe=self.nprobe, M=self.M).description
+        where = ""
+        if self.gpus_per_shard > 0:
+            notes = sorted(set(self.devices)) or ["GPU share requested, not yet searched"]
+            where = f" ({self.gpus_per_shard:g} GPU each; {', '.join(notes)})"
+        return f"{base} over {self.shards} Ray actor shards{where}"
 
     def __enter__(self) -> "RayShardedKNN":
         self._keep = True
@@ -118,7 +134,8 @@ class RayShardedKNN:
         q_ref = ray.put(np.ascontiguousarray(queries, np.float32))
         if self._pool is None:
             stack = contextlib.ExitStack()
-            self._pool = (stack, stack.enter_context(spread_placement(self.shards)), [None] * self.shards)
+            res = {"CPU": 1.0, "GPU": self.gpus_per_shard} if self.gpus_per_shard > 0 else None
+            self._pool = (stack, stack.enter_context(spread_placement(self.shards, resources=res)), [None] * self.shards)
         _, strategies, actors = self._pool
         loads: list = [None] * self.shards
         losses = [0] * self.shards
@@ -126,7 +143,9 @@ class RayShardedKNN:
 
         def start(i: int) -> ray.ObjectRef:
             if actors[i] is None:
-                actors[i] = FaissShardActor.options(scheduling_strategy=strategies[i]).remote()
+                gpu = {"num_gpus": self.gpus_per_shard} if self.gpus_per_shard > 0 else {}
+                actors[i] = FaissShardActor.options(scheduling_strategy=strategies[i], **gpu).remote(
+                    use_gpu=self.gpus_per_shard > 0)
             loads[i] = actors[i].load.remote(slices[i])  # one caller's calls run in order: load, then search
             return actors[i].search.remote(q_ref, k, self.index, self.nlist, self.nprobe, self.M)
 
@@ -156,6 +175,8 @@ class RayShardedKNN:
                 self.recoveries += 1
                 pending[start(i)] = i
             self.placement = ray.get([a.node_id.remote() for a in actors])
+            if self.gpus_per_shard > 0:
+                self.devices = ray.get([a.device.remote(self.index) for a in actors])
         except BaseException:
             self._release()
             raise

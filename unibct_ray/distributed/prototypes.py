@@ -8,6 +8,10 @@ The actors are placed in a SPREAD placement group, so on a cluster the ranges ar
 different nodes.
 Peak memory per actor: its rows of old + new features, 2 * rows * d * 4 bytes, plus the
 batched solve (see ``unibct_ray.compat.prototypes``); no process holds the whole matrix.
+
+With ``use_gpu`` the new-model features are extracted on GPU actors and each refinement actor
+asks for a GPU share (``unibct_ray.resources``) and runs its batched solves there; the
+placement group's bundles then carry that share, so the actors fit in them.
 """
 
 from __future__ import annotations
@@ -42,12 +46,20 @@ _RESTARTS = 1  # a killed refinement actor is restarted once and its call retrie
 
 @ray.remote(max_restarts=_RESTARTS, max_task_retries=2)
 class RefineActor:
-    """Holds nothing between calls; refines one class range per call."""
+    """Holds nothing between calls; refines one class range per call.
 
-    def __init__(self) -> None:
+    ``use_gpu``: the actor was given a GPU share; the solves run on ``cuda`` (float32, as on
+    the CPU), the result comes back to the host.
+    """
+
+    def __init__(self, use_gpu: bool = False) -> None:
         import torch
 
-        torch.set_num_threads(1)
+        from unibct_ray.inference import select_device
+
+        self.device = select_device(use_gpu)
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
 
     def node_id(self) -> str:
         """The Ray node this actor lives on (placement checks)."""
@@ -58,7 +70,7 @@ class RefineActor:
         from unibct_ray.compat.prototypes import refine_prototypes
 
         protos = refine_prototypes(old, new, labels - c0, c1 - c0, lam=params.lam, tau=params.temperature,
-                                   axis=params.axis, refine=params.refine)
+                                   axis=params.axis, refine=params.refine, device=self.device)
         return protos.numpy().astype(np.float32)
 
     def refine_shards(self, old_dir: str, new_dir: str, c0: int, c1: int, params: RefineParams) -> np.ndarray:
@@ -72,9 +84,17 @@ class RefineActor:
         return self.refine_arrays(old, new, ol, c0, c1, params)
 
 
-def _spawn_actors(strategies: list) -> list:
-    """One refinement actor per placement bundle (``spread_placement``: spread over nodes)."""
-    return [RefineActor.options(scheduling_strategy=s).remote() for s in strategies]
+def _spawn_actors(strategies: list, resources: dict[str, float] | None = None) -> list:
+    """One refinement actor per placement bundle (``spread_placement``: spread over nodes).
+
+    ``resources``: ``{"CPU": c[, "GPU": g]}`` of each actor (``refine_actor_resources``), the
+    same as each bundle holds; None keeps the default CPU actor.
+    """
+    if not resources:
+        return [RefineActor.options(scheduling_strategy=s).remote() for s in strategies]
+    gpus = float(resources.get("GPU", 0.0))
+    return [RefineActor.options(scheduling_strategy=s, num_cpus=resources["CPU"], num_gpus=gpus).remote(gpus > 0)
+            for s in strategies]
 
 
 def _gather(refs: list, ranges: list[tuple[int, int]], num_classes: int, d: int) -> np.ndarray:
@@ -137,7 +157,8 @@ def class_means_from_shards(path: str | os.PathLike, column: str, num_classes: i
 
 
 def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, checkpoint: Path | None,
-                     *, epoch: int, refine: bool, weights: dict | None = None, extract_cpus: float = 1.0) -> Path:
+                     *, epoch: int, refine: bool, weights: dict | None = None, extract_cpus: float | None = None,
+                     extract_actors: int | None = None) -> Path:
     """Prototypes for the phase starting at ``epoch`` -> path of a ``.npy`` [C, d].
 
     bct: old classifier centres for classes the old model knows (matched by ``source_label``),
@@ -148,7 +169,10 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
     ``weights`` (``{"state_dict", "model_spec"}``): the live weights of a running training
     loop instead of a checkpoint file. Then nothing on disk is reused: the file is rebuilt
     from these weights (a restarted loop rebuilds it from the weights it restarted with).
-    ``extract_cpus``: CPUs per extraction actor and per read/write task.
+    ``extract_cpus``: CPUs per extraction actor and per read/write task (None: the config's
+    ``extract_cpus``); ``extract_actors`` overrides ``cfg.extract_actors``. With ``cfg.use_gpu``
+    the extraction actors and the refinement actors each ask for ``cfg.extract_gpus`` of a GPU
+    (``unibct_ray.resources``) and compute there.
     """
     import torch
 
@@ -175,18 +199,29 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
 
         if checkpoint is None and weights is None:
             raise RuntimeError("refinement needs a checkpoint of the new model")
+        from unibct_ray.resources import extract_actor_resources
+
         new_dir = run_dir / f"new_features-epoch{epoch:03d}"
         if weights is not None or not (new_dir / "manifest.json").exists():
-            print(f"[{cfg.name}] epoch {epoch}: extracting new-model features ({cfg.extract_actors} actors)", flush=True)
+            res = extract_actor_resources(cfg, cpus=extract_cpus)
+            n_act = extract_actors or cfg.extract_actors
+            where = f"{res['GPU']:g} GPU each" if "GPU" in res else f"{res['CPU']:g} CPU each"
+            print(f"[{cfg.name}] epoch {epoch}: extracting new-model features ({n_act} actors, {where})", flush=True)
             extract_features(train_dir, new_dir, checkpoint=checkpoint, column=FEATURE_COLUMN,
-                             actors=cfg.extract_actors, cpus_per_actor=extract_cpus, task_cpus=extract_cpus,
+                             actors=n_act, batch_size=cfg.extract_batch, cpus_per_actor=res["CPU"],
+                             gpus_per_actor=res.get("GPU", 0.0), task_cpus=min(res["CPU"], 1.0),
                              overwrite=True, **(weights or {}))
         labels = read_columns(read_manifest(train_dir), ["label"])["label"]
         counts = np.bincount(labels, minlength=num_classes)
         ranges = balanced_class_ranges(counts, max(1, cfg.refine_actors), cfg.model.embedding_size)
         params = RefineParams(cfg.compat.lam, cfg.compat.temperature, cfg.compat.axis, True)
-        with spread_placement(min(cfg.refine_actors, len(ranges))) as strategies:
-            actors = _spawn_actors(strategies)
+        from unibct_ray.resources import refine_actor_resources
+
+        ref_res = refine_actor_resources(cfg)
+        # CPU-only runs keep the default CPU actors (and their 1-CPU bundles) exactly as before.
+        ref_res = ref_res if "GPU" in ref_res else None
+        with spread_placement(min(cfg.refine_actors, len(ranges)), resources=ref_res) as strategies:
+            actors = _spawn_actors(strategies, ref_res)
             print(f"[{cfg.name}] epoch {epoch}: refining {num_classes} prototypes on {len(actors)} actors", flush=True)
             refs = [actors[i % len(actors)].refine_shards.remote(str(train_dir), str(new_dir), c0, c1, params)
                     for i, (c0, c1) in enumerate(ranges)]

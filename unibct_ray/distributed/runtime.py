@@ -95,18 +95,21 @@ def run_tasks(jobs: Sequence[tuple[Hashable, int, Callable[[], Any]]], *, desc: 
 
 
 @contextlib.contextmanager
-def spread_placement(n: int, cpus: float = 1.0) -> Iterator[list[Any]]:
+def spread_placement(n: int, cpus: float = 1.0, resources: dict[str, float] | None = None) -> Iterator[list[Any]]:
     """``n`` scheduling strategies, one per bundle of a SPREAD placement group.
 
     The group places its bundles on distinct nodes as far as resources allow, decided at once
     (a per-actor ``scheduling_strategy="SPREAD"`` is a per-request heuristic that was seen to
     stack two actors on one node of two); on one machine every bundle lands there. Leaving
     the block removes the group, which ends the actors placed in it.
+    ``resources`` (e.g. ``{"CPU": 1, "GPU": 0.25}``) replaces the ``{"CPU": cpus}`` bundle: an
+    actor placed in a bundle may ask for no more than the bundle holds.
     """
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = placement_group([{"CPU": cpus}] * n, strategy="SPREAD")
+    bundle = {k: float(v) for k, v in resources.items() if v} if resources else {"CPU": cpus}
+    pg = placement_group([bundle] * n, strategy="SPREAD")
     try:
         yield [PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i) for i in range(n)]
     finally:

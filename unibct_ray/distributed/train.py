@@ -8,6 +8,22 @@ no refinement (old model, independent, l2, bct) the run is a single phase.
 
 Inside the loop only ``get_dataset_shard``, ``report``, ``prepare_model`` and the checkpoint
 API touch Ray; the math lives in ``unibct_ray.models`` and ``unibct_ray.compat``.
+
+GPUs: with ``use_gpu`` each worker asks for ``1 - extract_gpus`` of a GPU
+(``unibct_ray.resources.train_worker_resources``). Ray 2.60's ``ScalingConfig`` accepts a
+fractional ``"GPU"`` in ``resources_per_worker`` with ``use_gpu=True`` (it only refuses 0), and
+Ray never splits one fractional request over two devices: a worker's share (> 0.5) lies on a
+single GPU that no second worker can join, so ``ray.get_gpu_ids()`` names one device per
+worker and ``ray.train.torch.get_device()`` returns it, as with whole GPUs. What is left on
+each worker's GPU (``extract_gpus``) takes one extraction or refinement actor.
+
+An in-loop refinement (a run whose prototypes are rebuilt from the live weights) therefore
+embeds the training set on an actor pool with a fractional GPU share beside the held workers,
+rather than having each Train rank embed its own shard: it is the same code path as every
+other inference pass (old features, evaluation), the workers keep their state (optimizer,
+data iterators, DDP process group) untouched while rank 0 drives the pass, and the pool
+overlaps JPEG decode on the actors' CPUs with the forward passes on the GPU share. The cost
+is that the other ranks' GPUs carry only one small actor each during the pass.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ from unibct_ray.config import TrainConfig, from_dict, to_dict
 from unibct_ray.data.shards import atomic_write_text, read_manifest
 from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, epoch_clock, set_epoch_clock, training_dataset
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
+from unibct_ray.resources import extract_actor_resources, train_worker_resources
 
 __all__ = ["train", "train_group", "check_inputs", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
 
@@ -136,10 +153,18 @@ def _live_prototypes(cfg: TrainConfig, run: dict, model: torch.nn.Module, epoch:
         # The training workers keep their CPUs while rank 0 waits here. The extraction actors
         # share what is left but one CPU, which Ray Data's file-listing task needs whole, and
         # the read/write tasks after it (on one 4-CPU node: 2 actors x 0.5 CPU + 1 CPU).
-        free = ray.cluster_resources().get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker
-        cpus = min(1.0, max(free - 1.0, 0.2) / cfg.extract_actors)
+        total = ray.cluster_resources()
+        free = total.get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker
+        cpus = min(cfg.extract_cpus, max(free - 1.0, 0.2) / cfg.extract_actors)
+        actors = cfg.extract_actors
+        if cfg.use_gpu:
+            # Each worker leaves extract_gpus of its GPU; a fixed-size pool larger than the GPU
+            # shares left would wait for actors that never start.
+            left = total.get("GPU", 0.0) - cfg.num_workers * (1.0 - cfg.extract_gpus)
+            actors = max(1, min(actors, int(left / cfg.extract_gpus + 1e-6)))
         path = build_prototypes(cfg, Path(run["run_dir"]), run["train_dir"], run["num_classes"], None,
-                                epoch=epoch, refine=refine, weights=weights, extract_cpus=cpus)
+                                epoch=epoch, refine=refine, weights=weights, extract_cpus=cpus,
+                                extract_actors=actors)
     if world > 1:
         torch.distributed.barrier()  # rank 0 wrote the file (shared storage, like metrics.csv)
     return torch.from_numpy(np.load(path, allow_pickle=False)).float().to(device)
@@ -384,7 +409,7 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
         train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            resources_per_worker=train_worker_resources(cfg),  # GPU 1 - extract_gpus: see the module docstring
         ),
         run_config=ray.train.RunConfig(
             name=phase,
@@ -476,8 +501,10 @@ def _with_old_features(cfg: TrainConfig, run_dir: Path, train_dir: str) -> str:
         aug = Path(cfg.compat.old_features_cache).resolve() / _old_features_key(cfg.compat.old_checkpoint, train_dir)
     if not (aug / "manifest.json").exists():
         print(f"[{cfg.name}] extracting old-model features of {train_dir} ({cfg.extract_actors} actors)", flush=True)
+        res = extract_actor_resources(cfg)
         extract_features(train_dir, aug, checkpoint=Path(cfg.compat.old_checkpoint).resolve(), column=OLD_FEATURE_COLUMN,
-                         keep_images=True, actors=cfg.extract_actors)
+                         keep_images=True, actors=cfg.extract_actors, batch_size=cfg.extract_batch,
+                         cpus_per_actor=res["CPU"], gpus_per_actor=res.get("GPU", 0.0))
     return str(aug)
 
 

@@ -206,8 +206,12 @@ def _prepare(spec: TuneSpec, exp_dir: Path) -> None:
         out = Path(cfg.compat.old_features_cache) / _old_features_key(cfg.compat.old_checkpoint, cfg.data.train)
         if not (out / "manifest.json").exists():
             print(f"[tune] old-model features of {cfg.data.train} ({cfg.extract_actors} actors)", flush=True)
+            from unibct_ray.resources import extract_actor_resources
+
+            res = extract_actor_resources(cfg)
             extract_features(cfg.data.train, out, checkpoint=Path(cfg.compat.old_checkpoint), column=OLD_FEATURE_COLUMN,
-                             keep_images=True, actors=cfg.extract_actors)
+                             keep_images=True, actors=cfg.extract_actors, batch_size=cfg.extract_batch,
+                             cpus_per_actor=res["CPU"], gpus_per_actor=res.get("GPU", 0.0))
 
 
 def _searcher_and_scheduler(spec: TuneSpec) -> tuple[Any, Any, dict]:

@@ -4,6 +4,10 @@
 distractor hit as index -1 with its score, so the identification code sees a non-mated
 neighbour that occupies its rank and, as the top-1 score, raises the FPIR threshold.
 ``RecallKNN`` runs an exact search beside an approximate one and keeps recall@k.
+
+The distractors must live in the gallery's embedding space: a gallery of new-model templates
+gets new-model embeddings of the distractor faces, an old-model gallery old-model ones (give
+``evaluate_features`` one ``DistractorKNN`` per gallery model).
 """
 
 from __future__ import annotations
@@ -19,12 +23,17 @@ __all__ = ["DistractorKNN", "RecallKNN"]
 
 @dataclass
 class DistractorKNN:
+    """``knn`` over ``gallery + distractors``; ``distractors`` [n_d, d] L2-normalised, embedded by
+    the same model as the galleries this backend searches (``embedded_by`` names it)."""
+
     knn: KNN
-    distractors: np.ndarray  # [n_d, d] L2-normalised old-model embeddings
+    distractors: np.ndarray
+    embedded_by: str = ""
 
     @property
     def description(self) -> str:
-        return f"{knn_description(self.knn)} + {len(self.distractors)} distractors"
+        by = f" embedded by {self.embedded_by}" if self.embedded_by else ""
+        return f"{knn_description(self.knn)} + {len(self.distractors)} distractors{by}"
 
     def __call__(self, gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         g = len(gallery)

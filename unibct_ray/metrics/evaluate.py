@@ -11,12 +11,15 @@ Ray-free glue over the metric modules; the distributed job only produces the fea
   (one float32 GEMM) and serves the pair scores and the 1:N ranks alike
   (``reuse_scores=True``; ranks by counting, :func:`outcome_from_scores`); any other
   backend (FAISS, shards, distractors) is called as given.
+- ``knn`` may differ per gallery model (``{"old": KNN, "new": KNN}``): a 1:N test searches
+  with the backend of the model on its gallery side (self_old and cross: "old"; self_new:
+  "new"), e.g. distractors embedded by that same model.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,6 +131,26 @@ def _raise_non_finite(x: np.ndarray, name: str) -> None:
     raise ValueError(f"{name} features: pooled templates are not finite")
 
 
+def _knn_for(knn: KNN | Mapping[str, KNN], gallery_model: str) -> KNN:
+    """The 1:N backend for galleries of ``gallery_model`` ("old" / "new")."""
+    if not isinstance(knn, Mapping):
+        return knn
+    if gallery_model not in knn:
+        raise ValueError(f"evaluate_features: knn has backends for {sorted(knn)} but no {gallery_model!r} "
+                         f"one for the galleries of the {gallery_model} model")
+    return knn[gallery_model]
+
+
+def _knn_protocol(knn: KNN | Mapping[str, KNN], models: Sequence[str]) -> str:
+    """The report's kNN description; per gallery model when they differ."""
+    if not isinstance(knn, Mapping):
+        return knn_description(knn)
+    desc = {m: knn_description(knn[m]) for m in models if m in knn}
+    if len(set(desc.values())) == 1:
+        return next(iter(desc.values()))
+    return "; ".join(f"{m} galleries: {d}" for m, d in desc.items())
+
+
 def _nan_metrics(keys: Sequence[str]) -> dict[str, float]:
     return {k: float("nan") for k in keys}
 
@@ -136,7 +159,7 @@ def evaluate_features(
     meta: IJBCMeta,
     old_feats: Features | None,
     new_feats: Features | None,
-    knn: KNN = brute_force_knn,
+    knn: KNN | Mapping[str, KNN] = brute_force_knn,
     criterion_far: float = 1e-4,
     bootstrap: int = 0,
     seed: int = 0,
@@ -158,7 +181,9 @@ def evaluate_features(
             order, either precomputed ``emb + emb_flip`` [n, d] or ``(emb, emb_flip)``;
             at least one. With both, self_old, self_new and cross run; with one, only its
             self test and ``compatible`` is null.
-        knn: 1:N backend (:mod:`unibct_ray.metrics.knn`).
+        knn: 1:N backend (:mod:`unibct_ray.metrics.knn`), or one per gallery model
+            ``{"old": KNN, "new": KNN}`` (self_old and cross search old galleries, self_new
+            new ones; only the models given need a backend).
         criterion_far: FAR of the compatibility criterion.
         bootstrap: subject resamples for 95% intervals (0 disables).
         seed: bootstrap seed.
@@ -238,7 +263,7 @@ def evaluate_features(
         notes.append("no 1:N lists in the meta: identification undefined")
     grid_ok = (
         reuse_scores
-        and knn is brute_force_knn
+        and all(_knn_for(knn, m) is brute_force_knn for m in models)
         and pidx is not None
         and has_1n
         and pidx.enrol_rows.size * pidx.verif_rows.size <= _MAX_GRID_ELEMS
@@ -311,7 +336,7 @@ def evaluate_features(
                 del sub
                 ir = identification_result(outs, ks, fpirs)
             else:
-                ir = identify_galleries(galleries, probes, knn, ks, fpirs, ("G1", "G2"))
+                ir = identify_galleries(galleries, probes, _knn_for(knn, e_name), ks, fpirs, ("G1", "G2"))
             idr[test] = ir
             notes.extend(f"identification/{test}: {x}" for x in ir.notes)
         secs[f"{test}/identification"] = time.perf_counter() - ti
@@ -355,7 +380,7 @@ def evaluate_features(
                      "threshold; TPIR = mean over G1, G2",
         "topk_rule": "(hits G1 + hits G2) / number of probes; ties ranked by lower gallery index",
         "cross_test": "1:1 pairs[:, 0] OLD, pairs[:, 1] NEW; 1:N galleries OLD, probes NEW",
-        "knn": knn_description(knn),
+        "knn": _knn_protocol(knn, list(models)),
         "score_grid_shared": bool(grid_ok),
         "seed": int(seed),
         "bootstrap_unit": "subject (enrolment subject for 1:1, probe subject for 1:N)",

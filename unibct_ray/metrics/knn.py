@@ -7,7 +7,10 @@ scores, by gallery index ascending. Columns a backend could not fill (``k > g``,
 approximate index that found fewer neighbours) hold index ``-1`` and score ``-inf``.
 
 - :func:`brute_force_knn`: numpy, exact, chunked over queries (the reference).
-- :func:`faiss_knn`: FAISS ``flat`` (exact, same results as brute force), ``ivf`` or ``hnsw``.
+- :func:`faiss_knn`: FAISS ``flat`` (exact, same results as brute force), ``ivf`` or ``hnsw``;
+  with ``use_gpu`` flat and ivf search on GPU 0 when faiss was built with GPU support and a
+  GPU is visible (``faiss.get_num_gpus() > 0``), else on the CPU. FAISS has no GPU HNSW
+  index: hnsw always searches on the CPU.
 - :func:`merge_topk` / :class:`ShardedKNN`: exact merge of per-shard top-k lists, which is
   what the Ray actors holding gallery shards return.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -30,6 +34,7 @@ __all__ = [
     "ShardedKNN",
     "recall_at_k",
     "knn_description",
+    "faiss_gpu_available",
 ]
 
 KNN = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -133,12 +138,30 @@ def brute_force_knn(
     return out_s, out_i
 
 
+def faiss_gpu_available() -> bool:
+    """faiss was built with GPU support and sees at least one GPU."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@lru_cache(maxsize=1)
+def _gpu_resources() -> object:
+    """One ``StandardGpuResources`` per process: it reserves scratch memory on the device, which
+    every GPU index of the process can share; creating one per search would repeat that."""
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
 @dataclass(frozen=True)
 class FaissKNN:
     """A FAISS-backed :data:`KNN`; build it with :func:`faiss_knn`.
 
     The index is built on the gallery at each call (galleries here are a few thousand
     templates, so building costs far less than searching the probes).
+    ``use_gpu``: flat and ivf indexes move to GPU 0 when :func:`faiss_gpu_available`; hnsw
+    has no GPU index in FAISS and stays on the CPU.
     """
 
     index: Literal["flat", "ivf", "hnsw"] = "flat"
@@ -147,14 +170,30 @@ class FaissKNN:
     M: int = 32
     ef_search: int = 128
     threads: int | None = None
+    use_gpu: bool = False
+
+    def on_gpu(self) -> bool:
+        """Whether this backend searches on the GPU in this process."""
+        return self.use_gpu and self.index != "hnsw" and faiss_gpu_available()
+
+    def device_note(self) -> str:
+        """Where the search runs, for the report (empty for a CPU backend nobody asked to move)."""
+        if not self.use_gpu:
+            return ""
+        if self.index == "hnsw":
+            return "on CPU: FAISS has no GPU HNSW index"
+        return "on GPU" if faiss_gpu_available() else "on CPU: faiss has no GPU support or sees no GPU"
 
     @property
     def description(self) -> str:
         if self.index == "flat":
-            return "faiss IndexFlatIP (exact)"
-        if self.index == "ivf":
-            return f"faiss IndexIVFFlat IP (nlist={self.nlist}, nprobe={self.nprobe}, approximate)"
-        return f"faiss IndexHNSWFlat IP (M={self.M}, efSearch={self.ef_search}, approximate)"
+            d = "faiss IndexFlatIP (exact)"
+        elif self.index == "ivf":
+            d = f"faiss IndexIVFFlat IP (nlist={self.nlist}, nprobe={self.nprobe}, approximate)"
+        else:
+            d = f"faiss IndexHNSWFlat IP (M={self.M}, efSearch={self.ef_search}, approximate)"
+        note = self.device_note()
+        return f"{d}, {note}" if note else d
 
     def _build(self, faiss: object, gal: np.ndarray) -> object:
         g, d = gal.shape
@@ -170,6 +209,12 @@ class FaissKNN:
         else:
             index = faiss.IndexHNSWFlat(d, self.M, faiss.METRIC_INNER_PRODUCT)
         index.add(gal)
+        if self.on_gpu():
+            # Built (and for ivf trained) on the CPU, then copied: the copy keeps nprobe. The
+            # GPU index refers to the per-process resources, which outlive it.
+            index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+            if self.index == "ivf":
+                index.nprobe = min(self.nprobe, max(1, min(self.nlist, g)))
         return index
 
     def build(self, gallery: np.ndarray) -> object:
@@ -208,6 +253,7 @@ class FaissKNN:
         kk = min(int(k), g)
         if self.index == "hnsw":
             index.hnsw.efSearch = max(self.ef_search, kk)
+        # (A GPU flat index returns at most 2048 neighbours; k here is the 1:N depth, <= 100.)
         # One extra neighbour tells whether the k-th place is tied with something
         # outside the list; FAISS does not document which tied item it keeps.
         extra = 1 if (self.index == "flat" and kk < g) else 0
@@ -235,6 +281,7 @@ def faiss_knn(
     M: int = 32,
     ef_search: int = 128,
     threads: int | None = None,
+    use_gpu: bool = False,
 ) -> FaissKNN:
     """A FAISS inner-product :data:`KNN`.
 
@@ -244,6 +291,7 @@ def faiss_knn(
             ``nprobe`` are searched; ``nlist`` is capped at the gallery size) or ``"hnsw"``
             (IndexHNSWFlat with ``M`` links, ``ef_search`` >= k).
         threads: OpenMP threads for the call (restored afterwards); None keeps FAISS's.
+        use_gpu: search flat / ivf on GPU 0 when faiss has GPU support and sees a GPU.
     """
     if index not in ("flat", "ivf", "hnsw"):
         raise ValueError(f"faiss_knn: index must be 'flat', 'ivf' or 'hnsw', got {index!r}")
@@ -252,7 +300,7 @@ def faiss_knn(
             raise ValueError(f"faiss_knn: {name} must be >= 1, got {v}")
     if threads is not None and int(threads) < 1:
         raise ValueError(f"faiss_knn: threads must be >= 1 or None, got {threads}")
-    return FaissKNN(index, int(nlist), int(nprobe), int(M), int(ef_search), threads)
+    return FaissKNN(index, int(nlist), int(nprobe), int(M), int(ef_search), threads, bool(use_gpu))
 
 
 def merge_topk(

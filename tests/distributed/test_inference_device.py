@@ -1,0 +1,194 @@
+"""Inference passes on their device: the CPU path gives the plain float32 forward pass, and on
+a GPU share (``@pytest.mark.gpu``) the same UDFs agree with it to fp16 precision."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from unibct_ray.data.shards import read_columns, read_manifest, shard_name, write_manifest, write_shard
+
+SIZE, DIM, N = 32, 16, 40
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _checkpoint(d: Path) -> Path:
+    from unibct_ray.checkpoint import save_checkpoint
+    from unibct_ray.config import from_dict, to_dict
+    from unibct_ray.models.iresnet import build_backbone
+
+    torch.manual_seed(3)
+    model = build_backbone("tiny", DIM, SIZE)
+    cfg = from_dict({"model": {"backbone": "tiny", "embedding_size": DIM}, "data": {"image_size": SIZE}})
+    return save_checkpoint(d / "model.pt", {"config": json.dumps(to_dict(cfg)), "epoch": 1, "step": 1,
+                                            "model": model.state_dict()})
+
+
+def _model(ckpt: Path) -> torch.nn.Module:
+    from unibct_ray.checkpoint import build_backbone_from_checkpoint
+
+    return build_backbone_from_checkpoint(ckpt)[0].eval()
+
+
+def _pixels(i: int) -> np.ndarray:
+    return np.random.default_rng(100 + i).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("infer")
+    table = pa.table({"image": [_png(_pixels(i)) for i in range(N)],
+                      "label": np.arange(N, dtype=np.int64) // 4, "index": np.arange(N, dtype=np.int64) + 500})
+    (d / "shards").mkdir()
+    infos = [write_shard(d / "shards" / shard_name(i), table.slice(s, 16)) for i, s in enumerate(range(0, N, 16))]
+    write_manifest(d / "shards", infos, rows=N, classes=N // 4, columns=table.column_names)
+    return d, _checkpoint(d)
+
+
+def _reference_features(ckpt: Path) -> np.ndarray:
+    """Plain float32 forward of every image (PIL pixels, (x - 127.5) / 127.5), row i = index 500 + i."""
+    x = np.stack([_pixels(i) for i in range(N)]).astype(np.float32).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        return _model(ckpt)(torch.from_numpy((x - 127.5) / 127.5)).numpy()
+
+
+def _extracted(out: Path) -> np.ndarray:
+    from unibct_ray.distributed.data import FEATURE_COLUMN
+
+    cols = read_columns(read_manifest(out), ["index", FEATURE_COLUMN])
+    feats = np.stack(cols[FEATURE_COLUMN]).astype(np.float32) if cols[FEATURE_COLUMN].dtype == object \
+        else cols[FEATURE_COLUMN]
+    return feats[np.argsort(cols["index"])]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return (a64 * b64).sum(1) / np.linalg.norm(a64, axis=1) / np.linalg.norm(b64, axis=1)
+
+
+def _extract(d: Path, ckpt: Path, name: str, gpus: float) -> np.ndarray:
+    from unibct_ray.distributed.extract import extract_features
+
+    extract_features(d / "shards", d / name, checkpoint=ckpt, actors=1, batch_size=16, gpus_per_actor=gpus,
+                     cpus_per_actor=1.0, task_cpus=0.5, overwrite=True)
+    return _extracted(d / name)
+
+
+def test_extract_features_cpu_is_the_plain_forward(ray_session, inputs):
+    d, ckpt = inputs
+    np.testing.assert_allclose(_extract(d, ckpt, "cpu", 0.0), _reference_features(ckpt), rtol=1e-5, atol=1e-5)
+
+
+def _ijbc_batch(d: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """A few 64 px faces on disk with 5 points near the template (x2), and the images."""
+    from unibct_ray.data.landmarks import template_for_size
+
+    rng = np.random.default_rng(9)
+    paths, lms, imgs = [], [], []
+    for i in range(6):
+        img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(img).save(d / f"face{i}.png")
+        paths.append(str(d / f"face{i}.png"))
+        lms.append((template_for_size(SIZE) * 2 + rng.normal(0, 1.5, (5, 2))).reshape(-1).astype(np.float32))
+        imgs.append(img)
+    return {"row": np.arange(6), "path": np.asarray(paths, dtype=object), "landmarks": np.stack(lms)}, imgs
+
+
+def _align_reference(ckpt: Path, batch: dict, imgs: list[np.ndarray]) -> np.ndarray:
+    from unibct_ray.data.landmarks import align_face
+
+    crops = np.stack([align_face(im, lm.reshape(5, 2), SIZE) for im, lm in zip(imgs, batch["landmarks"])])
+    x = torch.from_numpy((crops.astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5)
+    model = _model(ckpt)
+    with torch.no_grad():
+        return (model(x) + model(x.flip(3))).numpy()
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_align_embed_cpu_is_emb_plus_flip(inputs, tmp_path):
+    from unibct_ray.distributed.evaluate import _AlignEmbed
+
+    _, ckpt = inputs
+    batch, imgs = _ijbc_batch(tmp_path)
+    out = _AlignEmbed([str(ckpt), str(ckpt)], use_gpu=False)(batch)
+    ref = _align_reference(ckpt, batch, imgs)
+    assert out["error"].tolist() == [""] * 6
+    for k in (0, 1):
+        np.testing.assert_allclose(out[f"feature_{k}"], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+def test_extract_features_on_a_gpu_share_matches_cpu(ray_session, inputs):
+    d, ckpt = inputs
+    got = _extract(d, ckpt, "gpu", 0.25)
+    assert _cosine(got, _reference_features(ckpt)).min() > 0.999
+
+
+@pytest.mark.gpu
+@gpu
+def test_align_embed_on_gpu_matches_cpu(inputs, tmp_path):
+    from unibct_ray.distributed.evaluate import _AlignEmbed
+
+    _, ckpt = inputs
+    batch, imgs = _ijbc_batch(tmp_path)
+    udf = _AlignEmbed([str(ckpt)], use_gpu=True)
+    assert udf.embedder.on_gpu
+    out = udf(batch)
+    assert _cosine(out["feature_0"], _align_reference(ckpt, batch, imgs)).min() > 0.999
+
+
+def _checkpoint_seeded(d: Path, name: str, seed: int) -> Path:
+    from unibct_ray.checkpoint import save_checkpoint
+    from unibct_ray.config import from_dict, to_dict
+    from unibct_ray.models.iresnet import build_backbone
+
+    torch.manual_seed(seed)
+    model = build_backbone("tiny", DIM, SIZE)
+    cfg = from_dict({"model": {"backbone": "tiny", "embedding_size": DIM}, "data": {"image_size": SIZE}})
+    return save_checkpoint(d / name, {"config": json.dumps(to_dict(cfg)), "epoch": 1, "step": 1,
+                                      "model": model.state_dict()})
+
+
+@pytest.mark.slow
+def test_checkpoint_distractors_embedded_by_each_model(ray_session, tmp_path):
+    """Two checkpoints: the distractor faces are rendered once and each model embeds them; the
+    old galleries get the old model's embeddings, self_new the new model's."""
+    from unibct_ray.cli import main
+    from unibct_ray.data.faces import render_aligned, sample_identity
+    from unibct_ray.distributed.evaluate import _file_hash
+
+    assert main(["data", "synth", "--out", str(tmp_path / "ijb"), "--identities", "1", "--images-per-identity", "1",
+                 "--size", "32", "--eval-identities", "4", "--probes-per-identity", "1", "--impostor-pairs", "20",
+                 "--no-progress"]) == 0
+    old, new = _checkpoint_seeded(tmp_path, "old.pt", 1), _checkpoint_seeded(tmp_path, "new.pt", 2)
+    out, n_d, seed = tmp_path / "r", 6, 3
+    assert main(["eval", "--ijbc", str(tmp_path / "ijb"), "--old-checkpoint", str(old), "--new-checkpoint", str(new),
+                 "--distractors", str(n_d), "--seed", str(seed), "--bootstrap", "0", "--shards", "1",
+                 "--actors", "1", "--batch-size", "4", "--out", str(out)]) == 0
+    faces = np.stack([render_aligned(sample_identity(seed, 2_000_000_000 + i), np.random.default_rng([seed, 99, i]),
+                                     SIZE) for i in range(n_d)])
+    x = torch.from_numpy((faces.astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5)
+    embedded = {}
+    for ckpt in (old, new):
+        model = _model(ckpt)
+        with torch.no_grad():
+            ref = (model(x) + model(x.flip(3))).numpy()
+        embedded[ckpt] = np.load(out / "cache" / f"distractors-{_file_hash(ckpt)}-{seed}-{n_d}.npy")
+        np.testing.assert_allclose(embedded[ckpt], ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(embedded[old], embedded[new], atol=1e-2)  # two spaces, two embeddings
+    emb = json.loads((out / "report.json").read_text())["protocol"]["distractor_embeddings"]
+    assert emb == {"self_old": f"old model ({old})", "cross": f"old model ({old})", "self_new": f"new model ({new})"}

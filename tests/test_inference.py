@@ -1,0 +1,73 @@
+"""The shared inference helper: CPU keeps float32 on one thread; CUDA runs fp16 autocast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unibct_ray.inference import DeviceEmbedder, select_device
+from unibct_ray.models.iresnet import build_backbone
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _model_and_batch(seed: int = 0) -> tuple[torch.nn.Module, np.ndarray]:
+    torch.manual_seed(seed)
+    model = build_backbone("tiny", 16, 32).eval()
+    x = np.random.default_rng(seed).uniform(-1, 1, (6, 3, 32, 32)).astype(np.float32)
+    return model, x
+
+
+def _reference(model: torch.nn.Module, x: np.ndarray, flip: bool) -> np.ndarray:
+    """Plain float32 forward on the CPU."""
+    t = torch.from_numpy(x)
+    with torch.no_grad():
+        f = model(t)
+        if flip:
+            f = f + model(t.flip(3))
+    return f.numpy()
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_cpu_path_is_plain_float32_forward():
+    model, x = _model_and_batch()
+    ref, ref_flip = _reference(model, x, False), _reference(model, x, True)
+    before = torch.get_num_threads()
+    emb = DeviceEmbedder([model], use_gpu=False)
+    try:
+        assert emb.device.type == "cpu" and not emb.on_gpu
+        assert torch.get_num_threads() == 1  # one actor per core
+        got = emb.embed(x)
+        assert got.dtype == np.float32 and got.shape == (6, 16)
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(emb.embed(x, flip_sum=True), ref_flip)
+        # A tensor already on the device gives the same result as the host array.
+        np.testing.assert_array_equal(emb.embed(emb.to_device(x), flip_sum=True), ref_flip)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_gpu_requested_without_cuda_is_one_clear_error():
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        select_device(True)
+    assert select_device(False).type == "cpu"
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return (a64 * b64).sum(1) / np.linalg.norm(a64, axis=1) / np.linalg.norm(b64, axis=1)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_path_matches_cpu_to_fp16_precision():
+    model, x = _model_and_batch(1)
+    ref = _reference(model, x, True)
+    emb = DeviceEmbedder([model], use_gpu=True)
+    assert emb.on_gpu and next(emb.models[0].parameters()).is_cuda
+    assert emb.to_device(x).is_cuda
+    got = emb.embed(x, flip_sum=True)
+    assert got.dtype == np.float32
+    assert _row_cosine(got, ref).min() > 0.999
