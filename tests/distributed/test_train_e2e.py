@@ -18,7 +18,7 @@ import torch
 import unibct_ray.distributed.train as train_module
 from unibct_ray.checkpoint import load_checkpoint
 from unibct_ray.cli import main
-from unibct_ray.config import from_dict
+from unibct_ray.config import from_dict, to_dict
 from unibct_ray.distributed.train import train, train_loop_per_worker
 
 pytestmark = pytest.mark.slow
@@ -306,3 +306,55 @@ def test_group_refuses_runs_that_cannot_share_a_fit(workspace):
     with pytest.raises(ConfigError, match="global_batch differs"):
         train_group([a, b])
     assert not (workspace / "runs" / "group-a").exists() and not (workspace / "runs" / "group-b").exists()
+
+
+# NaN losses, injected on one rank inside the Train workers (shipped by value, as above).
+def _nan_from_step(first: int, last: int) -> None:
+    """Steps ``first..last`` (0-based) of this worker see an image full of NaN."""
+    import unibct_ray.training as training
+
+    step, done = training.train_step, [0]
+
+    def poisoned_step(module, optimizer, x, labels, **kwargs):
+        if first <= done[0] <= last:
+            x = x.clone()
+            x[0] = float("nan")
+        done[0] += 1
+        return step(module, optimizer, x, labels, **kwargs)
+
+    training.train_step = poisoned_step
+
+
+def _loop_with_nan(loop: dict) -> None:
+    import ray.train
+
+    first, last = loop["runs"][0]["config"]["name"].split("-nan-")[1].split("-")
+    if ray.train.get_context().get_world_rank() == 1:
+        _nan_from_step(int(first), int(last))
+    train_loop_per_worker(loop)
+
+
+def test_a_nan_loss_is_skipped_once_and_stops_the_run_when_it_persists(workspace, monkeypatch):
+    """One NaN step on one rank: every rank skips it, training goes on with finite weights. NaN
+    on every step from step 3: the run stops after optim.nonfinite_steps skipped steps with one
+    line naming the step and the loss term, and its last checkpoint holds finite weights."""
+    from ray import cloudpickle
+
+    from unibct_ray.errors import JobFailedError
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "train_loop_per_worker", _loop_with_nan)
+        once = from_dict({**to_dict(cfg_for(workspace, "new-nan-2-2", "new", epochs=2)), "max_failures": 0})
+        res = train(once)
+        state = load_checkpoint(res.checkpoint)  # refuses NaN weights: loading proves they are finite
+        got = read_metrics(res.run_dir)
+        assert [r["epoch"] for r in got] == [1, 2] and all(np.isfinite(r["loss"]) for r in got)
+
+        always = from_dict({**to_dict(cfg_for(workspace, "new-nan-3-999", "new", epochs=2)), "max_failures": 0,
+                            "optim": {**to_dict(once)["optim"], "nonfinite_steps": 2}})
+        with pytest.raises(JobFailedError) as e:
+            train(always)
+    msg = str(e.value)
+    assert "head loss is nan at step 5" in msg and "3 non-finite steps in a row" in msg, msg
+    assert state["step"] == 2 * 7  # 224 images, global batch 32

@@ -176,7 +176,7 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
     import ray.train
 
     from unibct_ray.compat.losses import CompatLoss
-    from unibct_ray.training import train_step
+    from unibct_ray.training import NonFiniteGuard, train_step
 
     cfg = from_dict(run["config"])
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts anyway)
@@ -220,6 +220,17 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
     use_amp = cfg.use_gpu and cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
+    guard = NonFiniteGuard(cfg.optim.nonfinite_steps, cfg.name)
+
+    def agree(ok: bool) -> bool:
+        """Every rank skips a step together when any rank's loss is NaN/inf (DDP needs the same
+        collectives on every rank)."""
+        if world == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     for epoch in range(first_epoch, end_epoch):
         if in_loop and epoch in cuts:
             if rank == 0:
@@ -227,7 +238,7 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
             prototypes = _live_prototypes(cfg, run, model, epoch, True, rank, world, device)
         model.train()
         w = compat.weight_at(epoch, cfg.compat.refine_epochs)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, head, compat, images
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, head, compat, images, applied steps
         t0 = time.perf_counter()
         n_steps = 0
         # Seeded per (seed, epoch, rank): every epoch a new order.
@@ -248,18 +259,23 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
             r = train_step(model, optimizer, batch["image"], y, compat=compat, weight=w,
                            old_features=batch.get(OLD_FEATURE_COLUMN), prototypes=prototypes,
                            clip_params=params_backbone, clip_norm=cfg.optim.clip_grad_norm,
-                           scaler=scaler, autocast_device="cuda" if use_amp else None)
+                           scaler=scaler, autocast_device="cuda" if use_amp else None,
+                           agree=agree)
+            guard.update(r, step, epoch)  # raises after optim.nonfinite_steps NaN/inf steps in a row
             step += 1
             n_steps += 1
-            sums += torch.tensor([r.loss, r.head_loss, r.compat_loss, len(y)], dtype=torch.float64)
+            if r.applied:  # a skipped step's NaN must not poison the epoch's means
+                sums += torch.tensor([r.loss, r.head_loss, r.compat_loss, len(y), 1], dtype=torch.float64)
+            else:
+                sums[3] += len(y)
         elapsed = time.perf_counter() - t0
         if world > 1:
             torch.distributed.all_reduce(sums)
         metrics = {
             "epoch": epoch + 1,
-            "loss": float(sums[0] / max(n_steps * world, 1)),
-            "head_loss": float(sums[1] / max(n_steps * world, 1)),
-            "compat_loss": float(sums[2] / max(n_steps * world, 1)),
+            "loss": float(sums[0] / max(float(sums[4]), 1.0)),
+            "head_loss": float(sums[1] / max(float(sums[4]), 1.0)),
+            "compat_loss": float(sums[2] / max(float(sums[4]), 1.0)),
             "compat_weight": float(w),
             "lr": float(lr) if n_steps else float("nan"),
             "images_per_s": float(sums[3] / max(elapsed, 1e-9)),
@@ -394,6 +410,28 @@ def _ingest_config(reproducible: bool) -> "ray.train.DataConfig":
     return ray.train.DataConfig(execution_options={"train": opts}, enable_shard_locality=not reproducible)
 
 
+def _worker_error_line(e: BaseException) -> str:
+    """One line for a failed ``fit()``: a worker's own error (e.g. a diverged loss) when there
+    is one, else the first line of Ray's message."""
+    from unibct_ray.distributed.runtime import unwrap_task_error
+
+    ours = ("NonFiniteLoss", "UserError", "DataFormatError", "ConfigError")
+    lines = []
+    for rank in sorted(getattr(e, "worker_failures", None) or {}):
+        err = unwrap_task_error(e.worker_failures[rank])
+        text = str(err).strip()
+        if type(err).__name__ in ours and text:
+            lines.append(text.splitlines()[0][:300])
+            continue
+        for marker in (f"{name}: " for name in ours):  # a remote traceback's last line
+            if marker in text:
+                lines.append(text.split(marker, 1)[1].strip().splitlines()[0][:300])
+                break
+    # the rank that saw the NaN names the loss term; the others only know a peer did
+    lines.sort(key=lambda line: "another worker" in line)
+    return lines[0] if lines else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str,
          tails: list[tuple[Path, str, int]]) -> Path:
     """One ``TorchTrainer.fit()`` of ``loop`` (storage ``run_dir/phase``) -> its last checkpoint.
@@ -426,7 +464,7 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
                 stack.enter_context(_ProgressTail(path, name, epochs))
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = _worker_error_line(e)
         raise JobFailedError(f"training phase {phase} of {run_dir} failed after {cfg.max_failures} restarts "
                              f"from the last checkpoint ({first})") from e
     if result.checkpoint is None:
