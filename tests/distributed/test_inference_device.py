@@ -192,3 +192,20 @@ def test_checkpoint_distractors_embedded_by_each_model(ray_session, tmp_path):
     assert not np.allclose(embedded[old], embedded[new], atol=1e-2)  # two spaces, two embeddings
     emb = json.loads((out / "report.json").read_text())["protocol"]["distractor_embeddings"]
     assert emb == {"self_old": f"old model ({old})", "cross": f"old model ({old})", "self_new": f"new model ({new})"}
+
+
+@pytest.mark.gpu
+@gpu
+def test_faiss_shards_on_gpu_shares_equal_brute_force(ray_session):
+    from unibct_ray.distributed.knn import RayShardedKNN
+    from unibct_ray.metrics.knn import brute_force_knn
+
+    rng = np.random.default_rng(2)
+    gal = rng.standard_normal((2000, 32)).astype(np.float32)
+    qry = rng.standard_normal((50, 32)).astype(np.float32)
+    knn = RayShardedKNN(shards=2, index="flat", gpus_per_shard=0.25)
+    s, i = knn(gal, qry, 10)
+    ref_s, ref_i = brute_force_knn(gal, qry, 10)
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-3)
+    assert len(knn.devices) == 2 and "GPU each" in knn.description

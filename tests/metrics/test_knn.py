@@ -143,3 +143,33 @@ def test_recall_at_k():
     assert recall_at_k(np.array([[2, 1, 9], [4, 3, 8]]), exact) == pytest.approx(4 / 5)
     assert recall_at_k(exact, exact) == 1.0
     assert knn_description(brute_force_knn).startswith("brute_force")
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_faiss_use_gpu_says_where_it_searched(index):
+    """use_gpu moves flat/ivf to the GPU only where faiss can; hnsw never (no GPU index), and
+    the description names the device. Exact search agrees with the loop either way."""
+    from unibct_ray.metrics.knn import faiss_gpu_available
+
+    rng = np.random.default_rng(4)
+    gal, qry = _unit(rng, 300, 16), _unit(rng, 40, 16)
+    knn = faiss_knn(index, nlist=8, nprobe=8, use_gpu=True)
+    assert knn.on_gpu() == (index != "hnsw" and faiss_gpu_available())
+    desc = knn_description(knn)
+    if index == "hnsw":
+        assert "on CPU: FAISS has no GPU HNSW index" in desc
+    else:
+        assert desc.endswith("on GPU" if faiss_gpu_available() else "on CPU: faiss has no GPU support or sees no GPU")
+    assert "GPU" not in knn_description(faiss_knn(index))
+    s, i = knn(gal, qry, 5)
+    ref_s, ref_i = loop_knn(gal, qry, 5)
+    if index == "flat":
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    else:
+        assert recall_at_k(i, ref_i) > 0.9

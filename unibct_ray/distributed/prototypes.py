@@ -157,8 +157,8 @@ def class_means_from_shards(path: str | os.PathLike, column: str, num_classes: i
 
 
 def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, checkpoint: Path | None,
-                     *, epoch: int, refine: bool, weights: dict | None = None, extract_cpus: float | None = None,
-                     extract_actors: int | None = None) -> Path:
+                     *, epoch: int, refine: bool, weights: dict | None = None,
+                     extract_cpus: float | None = None) -> Path:
     """Prototypes for the phase starting at ``epoch`` -> path of a ``.npy`` [C, d].
 
     bct: old classifier centres for classes the old model knows (matched by ``source_label``),
@@ -170,7 +170,7 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
     loop instead of a checkpoint file. Then nothing on disk is reused: the file is rebuilt
     from these weights (a restarted loop rebuilds it from the weights it restarted with).
     ``extract_cpus``: CPUs per extraction actor and per read/write task (None: the config's
-    ``extract_cpus``); ``extract_actors`` overrides ``cfg.extract_actors``. With ``cfg.use_gpu``
+    ``extract_cpus``). With ``cfg.use_gpu``
     the extraction actors and the refinement actors each ask for ``cfg.extract_gpus`` of a GPU
     (``unibct_ray.resources``) and compute there.
     """
@@ -204,7 +204,7 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
         new_dir = run_dir / f"new_features-epoch{epoch:03d}"
         if weights is not None or not (new_dir / "manifest.json").exists():
             res = extract_actor_resources(cfg, cpus=extract_cpus)
-            n_act = extract_actors or cfg.extract_actors
+            n_act = cfg.extract_actors
             where = f"{res['GPU']:g} GPU each" if "GPU" in res else f"{res['CPU']:g} CPU each"
             print(f"[{cfg.name}] epoch {epoch}: extracting new-model features ({n_act} actors, {where})", flush=True)
             extract_features(train_dir, new_dir, checkpoint=checkpoint, column=FEATURE_COLUMN,

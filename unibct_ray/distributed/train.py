@@ -156,15 +156,15 @@ def _live_prototypes(cfg: TrainConfig, run: dict, model: torch.nn.Module, epoch:
         total = ray.cluster_resources()
         free = total.get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker
         cpus = min(cfg.extract_cpus, max(free - 1.0, 0.2) / cfg.extract_actors)
-        actors = cfg.extract_actors
         if cfg.use_gpu:
-            # Each worker leaves extract_gpus of its GPU; a fixed-size pool larger than the GPU
-            # shares left would wait for actors that never start.
+            # Each worker leaves extract_gpus of its GPU; an actor pool or placement group asking
+            # for more GPU shares than are left would wait for actors that never start.
             left = total.get("GPU", 0.0) - cfg.num_workers * (1.0 - cfg.extract_gpus)
-            actors = max(1, min(actors, int(left / cfg.extract_gpus + 1e-6)))
+            slots = max(1, int(left / cfg.extract_gpus + 1e-6))
+            cfg = replace(cfg, extract_actors=min(cfg.extract_actors, slots),
+                          refine_actors=min(cfg.refine_actors, slots))
         path = build_prototypes(cfg, Path(run["run_dir"]), run["train_dir"], run["num_classes"], None,
-                                epoch=epoch, refine=refine, weights=weights, extract_cpus=cpus,
-                                extract_actors=actors)
+                                epoch=epoch, refine=refine, weights=weights, extract_cpus=cpus)
     if world > 1:
         torch.distributed.barrier()  # rank 0 wrote the file (shared storage, like metrics.csv)
     return torch.from_numpy(np.load(path, allow_pickle=False)).float().to(device)
