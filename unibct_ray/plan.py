@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["NodeShape", "parse_nodes", "Placement", "PhasePlan", "MemoryEstimate", "ResourcePlan", "node_shapes", "plan_run",
            "check_plan", "backbone_parameters", "activation_elements", "train_worker_memory",
            "extract_actor_memory", "in_loop_extract_cpus", "decode_cpus_wanted", "DECODE_CPUS_PER_GPU_112",
-           "PROCESS_BASELINE_BYTES", "TUNE_TRIAL_CPU"]
+           "PROCESS_BASELINE_BYTES", "BACKWARD_PEAK_FACTOR", "TUNE_TRIAL_CPU"]
 
 #: Rule of thumb for feeding a GPU: one CPU decodes, normalises and flips ~1,500-2,500 112 px
 #: JPEGs/s (a full decode alone is ~370 us here), an r50 step at 112 px with fp16 consumes
@@ -50,9 +50,16 @@ __all__ = ["NodeShape", "parse_nodes", "Placement", "PhasePlan", "MemoryEstimate
 #: pixel count (image_size / 112)^2.
 DECODE_CPUS_PER_GPU_112 = 2.0
 
-#: Resident bytes of a Ray worker process that has imported torch and the project, before any
-#: model or batch (measured with ``unibct-ray bench plan``: an idle actor, RSS).
-PROCESS_BASELINE_BYTES = 420 << 20
+#: Resident bytes of a Ray worker process that has imported torch, Ray Train, Ray Data and the
+#: project and run a tiny backward pass, before any real model or batch (measured here: an idle
+#: actor's RSS, 403 MB; its USS 238 MB, the rest shared libraries).
+PROCESS_BASELINE_BYTES = 400 << 20
+
+#: Peak of the backward pass over the activations autograd keeps: the gradient maps flowing
+#: back and what the allocator holds on to. Measured here (r18, 112 px, batch 16, CPU, one
+#: thread): kept activations 704 MB (the count of :func:`activation_elements` exactly), peak
+#: resident growth over the model state 1,163 MB.
+BACKWARD_PEAK_FACTOR = 1.65
 
 #: Host bytes a CUDA context adds to a process (driver, cuDNN/cuBLAS handles; typical, not measured here).
 CUDA_CONTEXT_BYTES = 600 << 20
@@ -119,7 +126,7 @@ def activation_elements(name: str, embedding_size: int, image_size: int) -> tupl
     side = image_size
     for _ in range(4):
         side = (side + 1) // 2
-    kept += 2 * widths[-1] * side * side + 2 * embedding_size
+    kept += 2 * widths[-1] * side * side + embedding_size  # BN2d in and out (the fc input), BN1d in
     return kept, largest
 
 
@@ -147,7 +154,7 @@ def train_worker_memory(cfg: "TrainConfig", num_classes: int | None = None) -> M
       buckets with more than one worker]); P from :func:`backbone_parameters`
     * head: the replicated class centres, C x d x 4 x 3 (weights + grads + momentum)
     * activations: kept elements per image x 4 bytes (2 with fp16 autocast on GPU) x per-worker
-      batch, + 2 of the largest maps (the gradient flowing back) per image
+      batch x :data:`BACKWARD_PEAK_FACTOR` (the backward pass's gradient maps)
     * logits: per-worker batch x C x 4 x 6 (cosines, margins, softmax and their gradients)
     * batches: the decoded batch, Ray Data's prefetched one and its torch copy, 3 x b x 3 x S^2 x 4
     * shuffle buffer: ``data.shuffle_buffer`` x 3 x S^2 x 4 decoded rows (on the host)
@@ -156,14 +163,14 @@ def train_worker_memory(cfg: "TrainConfig", num_classes: int | None = None) -> M
     """
     b, s, d = cfg.per_worker_batch, cfg.data.image_size, cfg.model.embedding_size
     p = backbone_parameters(cfg.model.backbone, d, s)
-    kept, largest = activation_elements(cfg.model.backbone, d, s)
+    kept, _ = activation_elements(cfg.model.backbone, d, s)
     act_bytes = 2 if (cfg.use_gpu and cfg.amp) else 4
     c = int(num_classes or 0)
     copies = 3 + (1 if cfg.num_workers > 1 else 0)
     heavy = {
         "model state": p * 4 * copies,
         "head": c * d * 4 * 3,
-        "activations": b * (kept * act_bytes + 2 * largest * 4),
+        "activations": int(b * kept * act_bytes * BACKWARD_PEAK_FACTOR),
         "logits": b * c * 4 * 6,
     }
     host = {
@@ -488,7 +495,7 @@ def _phase(name: str, shapes: Sequence[NodeShape], asks: Sequence[_Ask], fix: Ma
             subject = "the training ingest" if ask.what == "decode task" else _SUBJECT.get(name, name)
             where = f" beside {' and '.join(held)}" if held else ""
             shortfall = f"plan: {subject} needs {need}{where}, but {_describe_nodes(shapes, key)}: " \
-                        f"{fix.get(ask.what, 'add resources')}"
+                        f"{fix.get(ask.what, 'add resources').format(key=key)}"
             break
         if ask.what != "trial driver":
             held.append(f"{ask.count} {_SHORT.get(ask.what, ask.what)} x {_res(ask.resources)}")
@@ -511,7 +518,7 @@ def _phases(cfg: "TrainConfig", shapes: Sequence[NodeShape], *, trials: int, in_
     hint = _worker_cpu_hint(cfg, shapes, trials)
     fix = {
         "decode task": f"lower cpus_per_worker{hint} or decode_cpus, or add CPUs",
-        "train worker": "lower num_workers or cpus_per_worker, or add " + ("GPUs" if cfg.use_gpu else "CPUs"),
+        "train worker": "lower num_workers or cpus_per_worker, or add {key}s",
         "extraction actor": "lower extract_actors or extract_cpus" + (" or extract_gpus" if cfg.use_gpu else "")
                             + ", or add CPUs",
         "refinement actor": "lower refine_actors" + (" or extract_gpus" if cfg.use_gpu else "") + ", or add CPUs",
