@@ -484,8 +484,8 @@ def old_features_dir(cfg: TrainConfig, train_dir: str) -> Path:
     """Where the old-model features of ``train_dir`` live: ``ROOT/<key>`` (see
     :func:`_old_features_key`), ROOT = ``compat.old_features_cache``, by default
     ``STORAGE/old_features``. Every run (method, scenario, Tune trial) with the same old
-    checkpoint and shard set reads one copy. Keying hashes the whole checkpoint: ~0.1 s per
-    100 MB (sha256 here), once per run."""
+    checkpoint and shard set reads one copy. Keying hashes the whole checkpoint: ~0.5 s per
+    100 MB (sha256, measured here), once per run."""
     root = Path(cfg.compat.old_features_cache or Path(cfg.storage) / OLD_FEATURES_DIR).resolve()
     return root / _old_features_key(cfg.compat.old_checkpoint, train_dir)
 
