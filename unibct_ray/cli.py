@@ -297,9 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
              "l2/bct/unibct need compat.old_checkpoint. Examples: jobs/configs/*.yaml.\n\n"
              "Writes STORAGE/NAME/: config.json, metrics.csv (per epoch: loss terms, lr, images/s),\n"
              "a checkpoint per epoch (Ray Train's checkpoint dirs), final.pt; for compatible\n"
-             "methods old_features/ (old-model features of the training set, keyed by index) and,\n"
+             "methods STORAGE/old_features/<key>/ (old-model features of the training set, keyed by\n"
+             "index, one copy per old checkpoint and shard set, shared by runs) and,\n"
              "for unibct, new_features-epochNNN/ and prototypes-epochNNN.npy at each refinement.\n"
-             "A failed worker restarts from the last checkpoint; --resume RUN_DIR continues a run.",
+             "A failed worker restarts from the last checkpoint; --resume RUN_DIR continues a run.\n"
+             "Before anything starts the run is planned on the cluster's nodes: one that could never\n"
+             "be scheduled (e.g. no CPU left for Ray Data's decoding) exits 2; --plan prints the plan.",
              _cmd_train)
     p.add_argument("--config", required=True, type=Path, help="YAML config (see jobs/configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="r18", help="backbone of the run")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--batch", type=int, default=16, help="global batch = per-worker batch (one worker)")
-    p.add_argument("--steps", type=int, default=6, help="training steps (one epoch)")
+    p.add_argument("--steps", type=int, default=4, help="training steps (one epoch)")
     p.add_argument("--classes", type=int, default=64)
     p.add_argument("--shuffle-buffer", type=int, default=64)
     p.add_argument("--extract-batch", type=int, default=64)
