@@ -158,3 +158,31 @@ def test_plan_table_names_every_phase():
     for phase in ("old features", "training", "refine: extract", "refine: solve"):
         assert phase in text
     assert "memory of one train worker" in text and "verdict: the run can start" in text
+
+
+def test_cli_plan_offline_for_train_and_tune(capsys):
+    """``--plan --plan-nodes``: the plan of a shape, no Ray; exit 0 when it can start, 2 when not."""
+    from unibct_ray.cli import main
+
+    tune = str(ROOT / "jobs/configs/ms1mv3/open-class/tune-unibct.yaml")
+    assert main(["tune", "--config", tune, "--plan", "--plan-nodes", "0,32:4x2", "--set", "num_workers=4",
+                 "--max-concurrent", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 trials at once)" in out and "verdict: the run can start" in out
+    assert main(["tune", "--config", tune, "--plan", "--plan-nodes", "0,32:4x2", "--set", "num_workers=4",
+                 "--set", "cpus_per_worker=8", "--max-concurrent", "2"]) == 2
+    assert "plan: the trials' training needs" in capsys.readouterr().err
+    train = str(ROOT / "jobs/configs/ms1mv3/open-class/new-unibct.yaml")
+    assert main(["train", "--config", train, "--plan", "--plan-nodes", "0,32:4x2"]) == 0
+    assert main(["train", "--config", train, "--plan", "--plan-nodes", "0,32:4x2", "--set", "cpus_per_worker=8"]) == 2
+
+
+def test_jobs_pass_plan_on():
+    import importlib.util
+
+    for name in ("train", "tune"):
+        spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+        job = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(job)
+        a = job.build_parser().parse_args(["--config", "x.yaml", "--plan"])
+        assert job.cli_argv(a)[-1] == "--plan"

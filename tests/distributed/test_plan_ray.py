@@ -63,3 +63,34 @@ def test_a_run_that_starves_decoding_exits_2_before_any_fit(ray_session, tmp_pat
     assert "training" in out and "SHORTFALL" in out
     assert main(["train", "--config", str(cfg), "--plan", "--set", "num_workers=2"]) == 0
     assert "verdict: the run can start" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_shipped_configs_on_a_local_ray_shaped_like_the_shipped_cluster(tmp_path):
+    """A local Ray declaring the shipped cluster's logical resources (0-CPU head, 2 x 32 CPUs
+    + 4 GPUs), in a child process: ``ray.nodes()`` of it refuses 8 CPUs per worker and passes 6."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[2]
+    ray_tmp = tempfile.mkdtemp(prefix="rpl", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", RAY_raylet_start_wait_time_s="120",
+               RAY_prestart_worker_first_driver="0")  # 64 logical CPUs must not prestart 64 workers
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("plan_cluster_run.py")),
+                               str(root / "jobs/configs/ms1mv3/open-class/new-unibct.yaml"), str(tmp_path / "out.json")],
+                              env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert sorted((n["CPU"] if "CPU" in n else 0, n.get("GPU", 0), n["head"]) for n in out["nodes"]) == [
+        (0, 0, True), (32, 4, False), (32, 4, False)]
+    assert out["plans"]["8"].startswith("plan: the training ingest needs 1 CPU for a decode task beside 8 workers "
+                                        "x 8 CPUs + 0.75 GPU, but the 2 worker nodes have 64 CPUs and the head 0")
+    assert out["plans"]["6"] is None
