@@ -527,7 +527,7 @@ def _phases(cfg: "TrainConfig", shapes: Sequence[NodeShape], *, trials: int, in_
     }
     # Other trials keep training while one trial extracts or refines.
     others: list[_Ask] = []
-    for t in range(trials - 1):
+    for _ in range(trials - 1):
         others += [_Ask("train worker", cfg.num_workers, worker, "PACK", mem_w.host, mem_w.device),
                    _Ask("decode task", 1, decode)]
     drivers = [_Ask("trial driver", trials, {"CPU": TUNE_TRIAL_CPU})] if trials > 1 else []
