@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set optim.epochs=2 (repeatable)")
     p.add_argument("--resume", type=Path, default=None, help="run directory to continue (not with --smoke-test)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (no --address)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the resource plan on the cluster and exit (0: it can start, 2: it cannot); trains nothing")
     return p
 
 
@@ -50,6 +52,8 @@ def cli_argv(a: argparse.Namespace, smoke_sets: Sequence[str] = ()) -> list[str]
         argv += ["--address", a.address]
     if a.num_cpus is not None:
         argv += ["--num-cpus", str(a.num_cpus)]
+    if a.plan:
+        argv += ["--plan"]
     return argv
 
 
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.config is None:
         parser.error("--config is required (a training config, e.g. jobs/configs/synthetic/old.yaml)")
+    if a.smoke_test and a.plan:
+        parser.error("--plan checks the real run; drop --smoke-test")
     if a.smoke_test and a.resume is not None:
         parser.error("--smoke-test always starts a fresh NAME-smoke run; drop --resume")
     return run_job(PROG, a.debug, lambda: run_cli_steps([cli_argv(a, prepare_smoke(a) if a.smoke_test else [])],

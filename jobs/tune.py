@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key of the base train config for every trial (repeatable)")
     p.add_argument("--resume", type=Path, default=None, help="experiment directory to continue")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (no --address)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the resource plan on the cluster and exit (0: it can start, 2: it cannot); trains nothing")
     return p
 
 
@@ -81,6 +83,8 @@ def cli_argv(a: argparse.Namespace, config: Path | None = None, num_samples: int
         argv += ["--address", a.address]
     if a.num_cpus is not None:
         argv += ["--num-cpus", str(a.num_cpus)]
+    if a.plan:
+        argv += ["--plan"]
     return argv
 
 
@@ -123,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.smoke_test:
+        if a.plan:
+            parser.error("--plan checks the real sweep; drop --smoke-test")
         if a.resume is not None:
             parser.error("--smoke-test always starts a fresh NAME-smoke sweep; drop --resume")
         if a.config is None:
             parser.error("--smoke-test needs --config (a tune file)")
         return run_job(PROG, a.debug, lambda: run_cli_steps([cli_argv(a, prepare_smoke(a), SMOKE_SAMPLES)], a.debug))
-    if a.resume is None and (a.config is None or a.num_samples is None):
+    if a.resume is None and (a.config is None or (a.num_samples is None and not a.plan)):
         parser.error("--config and --num-samples are required (or --resume DIR)")
     return run_job(PROG, a.debug, lambda: run_cli_steps([cli_argv(a)], a.debug))
 

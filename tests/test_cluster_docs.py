@@ -114,3 +114,123 @@ def test_no_public_exposure_and_no_secrets(path):
                 assert head["rayStartParams"].get("dashboard-host") == "127.0.0.1", path
     if "head_start_ray_commands" in text:
         assert "--dashboard-host=127.0.0.1" in text, path
+
+
+# ------------------------------------------------------------------ every job starts on its cluster
+def _cpu(v) -> float:
+    s = str(v)
+    return float(s[:-1]) / 1000 if s.endswith("m") else float(s)
+
+
+def kuberay_nodes(cluster_spec: dict) -> list[dict]:
+    """Node shapes a RayCluster spec declares: the head (its num-cpus, else its CPU limit) and
+    each worker group's replicas (num-cpus/num-gpus, else the container limits)."""
+    def shape(group: dict, name: str, head: bool) -> dict:
+        params = group.get("rayStartParams") or {}
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        return {"name": name, "head": head, "CPU": _cpu(params.get("num-cpus", limits["cpu"])),
+                "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+
+    nodes = [shape(cluster_spec["headGroupSpec"], "head", True)]
+    for g in cluster_spec.get("workerGroupSpecs", []):
+        nodes += [shape(g, f"{g['groupName']}-{i}", False) for i in range(int(g["replicas"]))]
+    return nodes
+
+
+def launcher_nodes(gpus_needed: float) -> list[dict]:
+    """The launcher's head and as many GPU workers as a job's GPUs bring up (within max_workers)."""
+    import math
+
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    types = cfg["available_node_types"]
+    nodes = [{"name": "head", "head": True, **types[cfg["head_node_type"]]["resources"]}]
+    gpu = types["gpu_worker"]
+    n = max(gpu["min_workers"], min(gpu["max_workers"], math.ceil(gpus_needed / gpu["resources"]["GPU"])))
+    return nodes + [{"name": f"gpu-{i}", **gpu["resources"]} for i in range(n)]
+
+
+def job_plan_input(cmd: str):
+    """(train config, trials at once) of a train or tune job command; None for other jobs."""
+    from unibct_ray.jobs import overrides
+    from unibct_ray.tuning import load_tune_spec
+
+    args = shlex.split(cmd, comments=True)
+    module = ROOT / args[1]
+    if module.stem not in ("train", "tune"):
+        return None
+    ns, _ = load_job(module).build_parser().parse_known_args(args[2:])
+    if module.stem == "train":
+        return load_config(ROOT / ns.config, overrides(ns)), 1
+    spec = load_tune_spec(ROOT / ns.config, max_concurrent=ns.max_concurrent, sets=overrides(ns))
+    return spec.train_config({}, name=spec.name), spec.max_concurrent
+
+
+def readme_jobs() -> list[str]:
+    return [c for w, c in job_commands() if w == "cluster/README.md"]
+
+
+def test_every_rayjob_passes_the_plan_of_its_cluster():
+    from unibct_ray.plan import plan_run
+
+    checked = 0
+    for f in MANIFESTS:
+        for d in docs(f):
+            if d.get("kind") != "RayJob":
+                continue
+            nodes = kuberay_nodes(d["spec"]["rayClusterSpec"])
+            for cmd in d["spec"]["entrypoint"].split("&&"):
+                got = job_plan_input(cmd.strip())
+                if got is None:  # evaluate: its extraction actors (1 CPU each) and a read task fit
+                    args = shlex.split(cmd)
+                    actors = int(args[args.index("--num-workers") + 1])
+                    assert actors + 1 <= sum(n["CPU"] for n in nodes), (f.name, cmd)
+                    continue
+                cfg, trials = got
+                plan = plan_run(cfg, nodes, trials=trials)
+                assert plan.ok, (f.name, plan.shortfall)
+                assert not plan.warnings, (f.name, plan.warnings)
+                checked += 1
+    assert checked >= 2  # the train and the tune jobs
+
+
+def test_readme_jobs_pass_the_plan_on_the_raycluster_and_the_launcher():
+    from unibct_ray.plan import plan_run
+
+    raycluster = next(d for d in docs(CLUSTER / "kuberay-raycluster.yaml") if d["kind"] == "RayCluster")
+    checked = 0
+    for cmd in readme_jobs():
+        got = job_plan_input(cmd)
+        if got is None:
+            continue
+        cfg, trials = got
+        for where, nodes in (("kuberay-raycluster.yaml", kuberay_nodes(raycluster["spec"])),
+                             ("ray-cluster.yaml", launcher_nodes(trials * cfg.num_workers if cfg.use_gpu else 0))):
+            if not cfg.use_gpu and where == "ray-cluster.yaml":
+                nodes = launcher_nodes(0)
+            plan = plan_run(cfg, nodes, trials=trials)
+            assert plan.ok, (where, cmd, plan.shortfall)
+            checked += 1
+    assert checked >= 6
+
+
+def test_the_old_shipped_train_job_is_refused():
+    """The train RayJob as it shipped (8 workers x 8 CPUs on 2 x 32-CPU pods, a 0-CPU head) hung;
+    the plan refuses it with the decode shortfall."""
+    from unibct_ray.plan import plan_run
+
+    job = next(d for d in docs(CLUSTER / "kuberay-rayjob-train.yaml") if d["kind"] == "RayJob")
+    cfg, _ = job_plan_input(job["spec"]["entrypoint"] + " --set cpus_per_worker=8")
+    plan = plan_run(cfg, kuberay_nodes(job["spec"]["rayClusterSpec"]))
+    assert plan.shortfall is not None and plan.shortfall.startswith("plan: the training ingest needs 1 CPU for a decode")
+
+
+def test_gpu_worker_groups_select_and_tolerate_gpu_nodes():
+    for f in MANIFESTS:
+        for d in docs(f):
+            spec = d.get("spec", {}) if isinstance(d, dict) else {}
+            cluster = spec.get("rayClusterSpec", spec) if d.get("kind") in ("RayJob", "RayCluster") else None
+            for g in (cluster or {}).get("workerGroupSpecs", []):
+                pod = g["template"]["spec"]
+                if "nvidia.com/gpu" in pod["containers"][0]["resources"]["limits"]:
+                    assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), f.name
+                    assert pod.get("nodeSelector"), f.name

@@ -96,11 +96,55 @@ def _cmd_train(a: argparse.Namespace) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, num_workers=a.num_workers or cfg.num_workers, use_gpu=a.use_gpu or cfg.use_gpu).validate(str(a.config))
+    if a.plan:
+        return _show_plan(a, cfg)
     check_inputs(cfg, a.resume)  # a bad config, shard set or checkpoint fails before Ray starts
     ensure_ray(a.address, num_cpus=a.num_cpus)
-    res = train(cfg, resume=a.resume)
+    res = train(cfg, resume=a.resume)  # refuses, before any fit(), a run the cluster cannot hold
     print(f"done: {res.checkpoint} (epoch {res.metrics.get('epoch')}, loss {res.metrics.get('loss', float('nan')):.4f})")
     return 0
+
+
+def _show_plan(a: argparse.Namespace, cfg, trials: int = 1) -> int:
+    """``--plan``: print the resource plan of ``cfg`` on the cluster (or on ``--plan-nodes``);
+    exit 0 when the run can start, 2 with the shortfall line when it cannot. Trains nothing."""
+    from unibct_ray.plan import check_plan, parse_nodes, plan_run
+
+    num_classes = old_backbone = None
+    try:  # sizes the head in the memory estimate; the data may live only on the cluster
+        from unibct_ray.data.shards import read_manifest
+
+        num_classes = read_manifest(cfg.data.train, check_files=False).classes
+    except (UserError, OSError, ValueError):
+        pass
+    if cfg.compat.old_checkpoint and Path(cfg.compat.old_checkpoint).is_file():
+        try:
+            from unibct_ray.checkpoint import load_checkpoint
+
+            old_backbone = json.loads(load_checkpoint(cfg.compat.old_checkpoint)["config"])["model"]["backbone"]
+        except (UserError, OSError, ValueError, KeyError):
+            pass
+    if a.plan_nodes:
+        nodes = parse_nodes(a.plan_nodes)
+    else:
+        from unibct_ray.distributed.plan import cluster_nodes
+        from unibct_ray.distributed.runtime import ensure_ray
+
+        ensure_ray(a.address, num_cpus=a.num_cpus)
+        nodes = cluster_nodes()
+    plan = plan_run(cfg, nodes, trials=trials, num_classes=num_classes, old_backbone=old_backbone)
+    print(plan.table())
+    check_plan(plan)
+    return 0
+
+
+def _plan_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--plan", action="store_true",
+                   help=f"print the resource plan ({what}: each phase, what goes on which node, CPUs/GPUs, "
+                        "memory estimates) and exit: 0 when it can start, 2 when it cannot")
+    p.add_argument("--plan-nodes", default=None, metavar="SPEC",
+                   help="with --plan: plan for these nodes instead of the connected cluster, "
+                        "comma-separated CPU[:GPU][xCOUNT], the head first; e.g. 0,32:4x2")
 
 
 # ---------------------------------------------------------------- prototypes
@@ -134,13 +178,17 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     from unibct_ray.distributed.tune import run_tune
     from unibct_ray.tuning import check_validation, load_tune_spec, open_experiment
 
-    if a.resume is None and (a.config is None or a.num_samples is None):
+    if a.resume is None and (a.config is None or (a.num_samples is None and not a.plan)):
         raise UserError("--config and --num-samples are required (or --resume DIR to continue an experiment)")
     if a.resume is not None and (a.objective is not None or a.max_concurrent is not None or a.set):
         raise UserError("--objective/--max-concurrent/--set cannot change a resumed experiment (it keeps its recipe)")
     spec = None
     if a.config is not None:
         spec = load_tune_spec(a.config, objective=a.objective, max_concurrent=a.max_concurrent, sets=a.set or [])
+    if a.plan:
+        if a.resume is not None:
+            spec, _, _ = open_experiment(spec, a.num_samples, a.resume)
+        return _show_plan(a, spec.train_config({}, name=spec.name), trials=spec.max_concurrent)
     spec, n, out = open_experiment(spec, a.num_samples, a.resume)
     check_validation(spec)  # before Ray starts: a bad folder fails in a second
     ensure_ray(a.address, num_cpus=a.num_cpus)
@@ -251,9 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
              "l2/bct/unibct need compat.old_checkpoint. Examples: jobs/configs/*.yaml.\n\n"
              "Writes STORAGE/NAME/: config.json, metrics.csv (per epoch: loss terms, lr, images/s),\n"
              "a checkpoint per epoch (Ray Train's checkpoint dirs), final.pt; for compatible\n"
-             "methods old_features/ (old-model features of the training set, keyed by index) and,\n"
+             "methods STORAGE/old_features/<key>/ (old-model features of the training set, keyed by\n"
+             "index, one copy per old checkpoint and shard set, shared by runs) and,\n"
              "for unibct, new_features-epochNNN/ and prototypes-epochNNN.npy at each refinement.\n"
-             "A failed worker restarts from the last checkpoint; --resume RUN_DIR continues a run.",
+             "A failed worker restarts from the last checkpoint; --resume RUN_DIR continues a run.\n"
+             "Before anything starts the run is planned on the cluster's nodes: one that could never\n"
+             "be scheduled (e.g. no CPU left for Ray Data's decoding) exits 2; --plan prints the plan.",
              _cmd_train)
     p.add_argument("--config", required=True, type=Path, help="YAML config (see jobs/configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -263,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="train on GPUs (one per worker)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
+    _plan_flags(p, "workers, decode tasks, extraction and refinement actors")
 
     p = _sub(sub, "prototypes", "offline class prototypes (structural refinement)",
              "Compute UniBCT class prototypes from features, the same code the training uses.\n\n"
@@ -357,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, help="experiment directory to continue")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
+    _plan_flags(p, "max_concurrent trials at once, each with its workers and decode task")
 
     p = _sub(sub, "demo", "the embedded default end to end on local Ray",
              "Run the main job on the embedded default: synthetic data in the real formats, local Ray,\n"

@@ -358,3 +358,66 @@ def test_a_nan_loss_is_skipped_once_and_stops_the_run_when_it_persists(workspace
     msg = str(e.value)
     assert "head loss is nan at step 5" in msg and "3 non-finite steps in a row" in msg, msg
     assert state["step"] == 2 * 7  # 224 images, global batch 32
+
+
+def test_old_features_are_extracted_once_per_checkpoint_and_shard_set(workspace, tmp_path, monkeypatch):
+    """Two runs of other methods, same old checkpoint and shard set, no cache path set: one
+    directory under STORAGE/old_features, one extraction. Another checkpoint: another key."""
+    import unibct_ray.distributed.extract as extract_module
+    from unibct_ray.distributed.train import _with_old_features, old_features_dir
+
+    calls = []
+    real = extract_module.extract_features
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "extract_features", counted)
+    storage = tmp_path / "runs"
+    train_dir = str((workspace / "split" / "new").resolve())
+    a = from_dict({**train_module.to_dict(cfg_for(workspace, "a", "new", "l2", weight=10.0)), "storage": str(storage)})
+    b = from_dict({**train_module.to_dict(cfg_for(workspace, "b", "new", "bct")), "storage": str(storage)})
+    first = _with_old_features(a, storage / "a", train_dir)
+    stamp = (Path(first) / "manifest.json").stat().st_mtime_ns
+    second = _with_old_features(b, storage / "b", train_dir)
+    assert first == second and len(calls) == 1
+    assert (Path(first) / "manifest.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in (storage / "old_features").iterdir()] == [Path(first).name]
+    # The key: the checkpoint's and the manifest's sha256, computed here independently.
+    import hashlib
+
+    ck = hashlib.sha256(Path(a.compat.old_checkpoint).read_bytes()).hexdigest()[:16]
+    mf = hashlib.sha256((Path(train_dir) / "manifest.json").read_bytes()).hexdigest()[:12]
+    assert Path(first) == (storage / "old_features" / f"{ck}-{mf}").resolve()
+    # Another old checkpoint (same weights, other bytes) gets its own key.
+    other = tmp_path / "other.pt"
+    state = load_checkpoint(a.compat.old_checkpoint)
+    state["metrics"] = json.dumps({"copy": 1})
+    torch.save(state, other)
+    c = from_dict({**train_module.to_dict(a), "compat": {**train_module.to_dict(a)["compat"], "old_checkpoint": str(other)}})
+    assert old_features_dir(c, train_dir) != Path(first) and old_features_dir(c, train_dir).parent == Path(first).parent
+
+
+def test_a_run_that_lost_the_extraction_race_reads_the_winners_copy(tmp_path):
+    """The loser's staged copy cannot replace the winner's (a rename onto a full directory
+    fails); its error is dropped when the winner's manifest is there, and kept otherwise."""
+    from unibct_ray.data.shards import StagedDir
+    from unibct_ray.distributed.train import _reuse_if_raced
+    from unibct_ray.errors import UserError
+
+    out = tmp_path / "key"
+    stage = StagedDir(out)                     # the loser starts first ...
+    (stage.path / "part-00000.parquet").write_bytes(b"loser")
+    out.mkdir()                                # ... the winner commits meanwhile
+    (out / "manifest.json").write_text("{}")
+    with _reuse_if_raced(out):
+        with stage:
+            stage.commit()
+    assert (out / "manifest.json").read_text() == "{}" and not (out / "part-00000.parquet").exists()
+    assert not stage.path.exists()             # the loser's staged copy is gone
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(UserError):
+        with _reuse_if_raced(empty):
+            raise UserError(f"{empty}: appeared while writing")

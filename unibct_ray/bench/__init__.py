@@ -23,6 +23,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "refine": ("unibct_ray.bench.refine", "vectorised prototype refinement vs a per-class loop"),
     "search": ("unibct_ray.bench.search", "FAISS gallery shards on Ray actors vs one index"),
     "eval": ("unibct_ray.bench.eval", "the IJB-C evaluator vs the public algorithm at full IJB-C scale"),
+    "plan": ("unibct_ray.bench.plan", "the resource plan's memory estimates vs measured worker/actor peaks"),
     "recipe": ("unibct_ray.bench.recipe", "in-process recipe probe: old vs new model TAR without Ray"),
 }
 

@@ -28,6 +28,7 @@ is that the other ranks' GPUs carry only one small actor each during the pass.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -36,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray
@@ -49,7 +50,10 @@ from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, epoch_clock, set_epo
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
 from unibct_ray.resources import extract_actor_resources, train_worker_resources
 
-__all__ = ["train", "train_group", "check_inputs", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
+__all__ = ["train", "train_group", "check_inputs", "old_features_dir", "OLD_FEATURES_DIR", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
+
+
+OLD_FEATURES_DIR = "old_features"  # under STORAGE, unless compat.old_features_cache names the root
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
@@ -529,20 +533,53 @@ def _plan_run(cfg: TrainConfig, resume: str | os.PathLike | None) -> _RunPlan:
     return _RunPlan(cfg, run_dir, start_epoch, resume_from, train_dir, num_classes)
 
 
+def _check_resources(plans: list[_RunPlan], *, in_loop: bool) -> None:
+    """Refuse, before any extraction or ``fit()``, runs whose phases the cluster cannot hold at
+    once (they would wait forever): one ``UserError`` line naming the shortfall and the keys."""
+    from unibct_ray.distributed.plan import check_cluster
+
+    for p in plans:
+        check_cluster(p.cfg, in_loop=in_loop, num_classes=p.num_classes)
+
+
+def old_features_dir(cfg: TrainConfig, train_dir: str) -> Path:
+    """Where the old-model features of ``train_dir`` live: ``ROOT/<key>`` (see
+    :func:`_old_features_key`), ROOT = ``compat.old_features_cache``, by default
+    ``STORAGE/old_features``. Every run (method, scenario, Tune trial) with the same old
+    checkpoint and shard set reads one copy. Keying hashes the whole checkpoint: ~0.5 s per
+    100 MB (sha256, measured here), once per run."""
+    root = Path(cfg.compat.old_features_cache or Path(cfg.storage) / OLD_FEATURES_DIR).resolve()
+    return root / _old_features_key(cfg.compat.old_checkpoint, train_dir)
+
+
+@contextlib.contextmanager
+def _reuse_if_raced(out: Path) -> Iterator[None]:
+    """Two runs extracting one key at once: each writes a staged copy and renames it into place,
+    a rename onto an existing directory fails, so the first writer wins whole. The loser's error
+    is dropped when the winner's complete copy (its manifest) is there; it reads that copy."""
+    try:
+        yield
+    except (UserError, OSError):
+        if not (out / "manifest.json").is_file():
+            raise
+        print(f"{out}: written by another run meanwhile; reusing it", flush=True)
+
+
 def _with_old_features(cfg: TrainConfig, run_dir: Path, train_dir: str) -> str:
-    """Old-model features over the new training set, once per run (or once per old checkpoint
-    and shard set with ``compat.old_features_cache``), keyed by record index -> that shard set."""
+    """Old-model features over the new training set, extracted once per old checkpoint and shard
+    set (:func:`old_features_dir`), keyed by record index -> that shard set."""
     from unibct_ray.distributed.extract import extract_features
 
-    aug = run_dir / "old_features"
-    if cfg.compat.old_features_cache:
-        aug = Path(cfg.compat.old_features_cache).resolve() / _old_features_key(cfg.compat.old_checkpoint, train_dir)
+    aug = old_features_dir(cfg, train_dir)
     if not (aug / "manifest.json").exists():
-        print(f"[{cfg.name}] extracting old-model features of {train_dir} ({cfg.extract_actors} actors)", flush=True)
+        print(f"[{cfg.name}] extracting old-model features of {train_dir} ({cfg.extract_actors} actors) -> {aug}",
+              flush=True)
         res = extract_actor_resources(cfg)
-        extract_features(train_dir, aug, checkpoint=Path(cfg.compat.old_checkpoint).resolve(), column=OLD_FEATURE_COLUMN,
-                         keep_images=True, actors=cfg.extract_actors, batch_size=cfg.extract_batch,
-                         cpus_per_actor=res["CPU"], gpus_per_actor=res.get("GPU", 0.0))
+        with _reuse_if_raced(aug):
+            extract_features(train_dir, aug, checkpoint=Path(cfg.compat.old_checkpoint).resolve(),
+                             column=OLD_FEATURE_COLUMN, keep_images=True, actors=cfg.extract_actors,
+                             batch_size=cfg.extract_batch, cpus_per_actor=res["CPU"],
+                             gpus_per_actor=res.get("GPU", 0.0))
     return str(aug)
 
 
@@ -577,6 +614,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
     run = _plan_run(cfg, resume)
     if run.done is not None:
         return run.done
+    _check_resources([run], in_loop=False)
     cfg, run_dir, start_epoch, resume_from = run.cfg, run.run_dir, run.start_epoch, run.resume_from
     train_dir, num_classes, method = run.train_dir, run.num_classes, run.cfg.compat.method
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -647,6 +685,7 @@ def train_group(cfgs: list[TrainConfig], *, resumes: list[str | os.PathLike | No
         names = [p.cfg.name for p in todo]
         if len(set(p.run_dir for p in todo)) != len(todo):
             raise ConfigError(f"two runs of one group share a run folder: {names}")
+        _check_resources(todo, in_loop=True)
         cfg0 = todo[0].cfg
         train_dir = todo[0].train_dir
         for p in todo:

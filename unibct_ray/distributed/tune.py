@@ -14,7 +14,6 @@ Experiment directory ``DIR = storage/name``::
     DIR/trials/<trial>/      the trial's training run (checkpoints, metrics.csv, final.pt),
                              val/ (its validation reports), result.json, attempts.log
     DIR/cache/               validation features by checkpoint hash (the old model's once)
-    DIR/old_features/        old-model features of the training set, extracted once
     DIR/tune.md, trials.json, best.yaml | pareto/<trial>.yaml, pareto.png
     DIR/trial-<id>/, experiment_state-*.json, ...   Ray Tune's own state
 
@@ -38,15 +37,15 @@ from typing import Any
 from ray import tune
 
 from unibct_ray.config import TrainConfig
+from unibct_ray.distributed.train import OLD_FEATURES_DIR
 from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import UserError
 from unibct_ray.tuning import SPEC_FILE, TrialRecord, TuneSpec, check_validation, objective_value, write_outputs
 
-__all__ = ["run_tune", "run_trial", "TuneOutputs", "TRIALS_DIR"]
+__all__ = ["run_tune", "run_trial", "check_tune_plan", "TuneOutputs", "TRIALS_DIR"]
 
 TRIALS_DIR = "trials"
 CACHE_DIR = "cache"
-OLD_FEATURES_DIR = "old_features"
 RESULT_FILE = "result.json"
 ATTEMPTS_FILE = "attempts.log"
 TRIAL_CPU = 0.01
@@ -75,13 +74,15 @@ def _evaluate(spec: TuneSpec, exp_dir: Path, out: Path, checkpoint: Path, epoch:
             "epoch": int(epoch), "final": bool(final)}
 
 
-def _shared_old_features(cfg: TrainConfig, exp_dir: Path) -> TrainConfig:
+def _shared_old_features(cfg: TrainConfig, spec: TuneSpec) -> TrainConfig:
     """Every trial reads one copy of the old model's features of the training set (the sweep
-    cannot change the data or the old model), in ``DIR/old_features`` unless the base config
-    names its own cache."""
+    cannot change the data or the old model): the base config's, under its storage
+    (``STORAGE/old_features/<key>``, shared with the training runs of that base config) unless
+    it names its own cache. A trial's own storage is inside the experiment."""
     if cfg.compat.old_features_cache:
         return cfg
-    return replace(cfg, compat=replace(cfg.compat, old_features_cache=str(exp_dir / OLD_FEATURES_DIR)))
+    root = Path(spec.base_config["storage"]) / OLD_FEATURES_DIR
+    return replace(cfg, compat=replace(cfg.compat, old_features_cache=str(root)))
 
 
 def run_trial(config: dict, spec: dict | None = None, exp_dir: str | None = None) -> None:
@@ -93,7 +94,7 @@ def run_trial(config: dict, spec: dict | None = None, exp_dir: str | None = None
     exp = Path(exp_dir)
     trial_id = tune.get_context().get_trial_id()
     run_dir = exp / TRIALS_DIR / trial_id
-    cfg = _shared_old_features(s.train_config(s.decode(config), name=trial_id, storage=str(exp / TRIALS_DIR)), exp)
+    cfg = _shared_old_features(s.train_config(s.decode(config), name=trial_id, storage=str(exp / TRIALS_DIR)), s)
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / RESULT_FILE
     if done.exists():
@@ -200,18 +201,28 @@ def _prepare(spec: TuneSpec, exp_dir: Path) -> None:
         # Extracted here, once: trials running at the same time must not race to write it.
         from unibct_ray.distributed.data import OLD_FEATURE_COLUMN
         from unibct_ray.distributed.extract import extract_features
-        from unibct_ray.distributed.train import _old_features_key
+        from unibct_ray.distributed.train import _reuse_if_raced, old_features_dir
 
-        cfg = _shared_old_features(spec.train_config({}, name="old-features"), exp_dir)
-        out = Path(cfg.compat.old_features_cache) / _old_features_key(cfg.compat.old_checkpoint, cfg.data.train)
+        cfg = _shared_old_features(spec.train_config({}, name="old-features"), spec)
+        out = old_features_dir(cfg, cfg.data.train)
         if not (out / "manifest.json").exists():
-            print(f"[tune] old-model features of {cfg.data.train} ({cfg.extract_actors} actors)", flush=True)
+            print(f"[tune] old-model features of {cfg.data.train} ({cfg.extract_actors} actors) -> {out}", flush=True)
             from unibct_ray.resources import extract_actor_resources
 
             res = extract_actor_resources(cfg)
-            extract_features(cfg.data.train, out, checkpoint=Path(cfg.compat.old_checkpoint), column=OLD_FEATURE_COLUMN,
-                             keep_images=True, actors=cfg.extract_actors, batch_size=cfg.extract_batch,
-                             cpus_per_actor=res["CPU"], gpus_per_actor=res.get("GPU", 0.0))
+            with _reuse_if_raced(out):
+                extract_features(cfg.data.train, out, checkpoint=Path(cfg.compat.old_checkpoint),
+                                 column=OLD_FEATURE_COLUMN, keep_images=True, actors=cfg.extract_actors,
+                                 batch_size=cfg.extract_batch, cpus_per_actor=res["CPU"],
+                                 gpus_per_actor=res.get("GPU", 0.0))
+
+
+def check_tune_plan(spec: TuneSpec) -> None:
+    """Refuse a sweep whose ``max_concurrent`` trials the cluster cannot hold at once (the base
+    config's resources; the search space changes compat keys, not the worker group)."""
+    from unibct_ray.distributed.plan import check_cluster
+
+    check_cluster(spec.train_config({}, name=spec.name), trials=spec.max_concurrent)
 
 
 def _searcher_and_scheduler(spec: TuneSpec) -> tuple[Any, Any, dict]:
@@ -246,6 +257,7 @@ def run_tune(spec: TuneSpec, num_samples: int, exp_dir: str | os.PathLike, *, re
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    check_tune_plan(spec)  # before any extraction or trial: a sweep that cannot run fails here
     _prepare(spec, exp_dir)
     if not resume:
         atomic_write_text(exp_dir / SPEC_FILE, json.dumps({"num_samples": num_samples, "spec": spec.to_json()},
