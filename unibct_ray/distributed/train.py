@@ -43,7 +43,13 @@ import numpy as np
 import ray
 import torch
 
-from unibct_ray.checkpoint import CHECKPOINT_FILE, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from unibct_ray.checkpoint import (
+    CHECKPOINT_FILE,
+    find_latest_checkpoint,
+    find_resumable_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from unibct_ray.config import TrainConfig, from_dict, to_dict
 from unibct_ray.data.shards import atomic_write_text, read_manifest
 from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, epoch_clock, set_epoch_clock, training_dataset
@@ -319,13 +325,34 @@ def _payload(run: dict, index: int, model: torch.nn.Module, optimizer: torch.opt
 
 
 def _append_metrics(path: Path, metrics: dict) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(metrics))
-        if new:
-            w.writeheader()
-        w.writerow(metrics)
+    """Add the row of ``metrics['epoch']``, dropping rows of that epoch and later ones: an epoch
+    re-run after a restart or a resume replaces what the failed attempt wrote, so the file
+    holds one row per epoch (rewritten atomically)."""
+    import io
+
+    from unibct_ray.atomic import atomic_write
+
+    rows: list[dict] = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(float(r["epoch"])) < int(metrics["epoch"])]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(metrics), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    w.writerow(metrics)
+    atomic_write(path, buf.getvalue())
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    from unibct_ray.atomic import atomic_write
+
+    def chunks():
+        with open(src, "rb") as f:
+            while block := f.read(1 << 22):
+                yield block
+
+    atomic_write(dst, chunks())
 
 
 @dataclass(frozen=True)
@@ -363,31 +390,35 @@ class _ProgressTail:
         import threading
 
         self.path, self.name, self.epochs = path, name, epochs
-        self.seen = self._rows()
+        self.seen = {self._key(r) for r in self._rows()}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _rows(self) -> int:
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return tuple(sorted(row.items()))
+
+    def _rows(self) -> list[dict]:
         try:
-            return max(0, len(self.path.read_text().splitlines()) - 1)
+            with open(self.path, newline="") as f:
+                return list(csv.DictReader(f))
         except OSError:
-            return 0
+            return []
 
     def _run(self) -> None:
         while not self.stop.wait(2.0):
             self.flush()
 
     def flush(self) -> None:
-        try:
-            rows = list(csv.DictReader(open(self.path)))
-        except OSError:
-            return
-        for r in rows[self.seen:]:
+        # Rows are keyed by content: a re-run epoch replaces its row (see _append_metrics).
+        for r in self._rows():
+            if self._key(r) in self.seen:
+                continue
+            self.seen.add(self._key(r))
             print(f"[{self.name}] epoch {r['epoch']}/{self.epochs}  loss {float(r['loss']):.4f} "
                   f"(head {float(r['head_loss']):.4f}, compat {float(r['compat_loss']):.4f} "
                   f"x{float(r['compat_weight']):g})  lr {float(r['lr']):.4g}  "
                   f"{float(r['images_per_s']):.0f} img/s  {float(r['epoch_s']):.1f} s", flush=True)
-        self.seen = max(self.seen, len(rows))
 
     def __enter__(self) -> "_ProgressTail":
         self.thread.start()
@@ -509,8 +540,15 @@ def _plan_run(cfg: TrainConfig, resume: str | os.PathLike | None) -> _RunPlan:
     run_dir = (Path(resume) if resume else Path(cfg.storage) / cfg.name).resolve()
     start_epoch, resume_from = 0, None
     if resume:
-        latest = find_latest_checkpoint(run_dir)
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir}: run directory not found (nothing to resume)")
+        latest, skipped = find_resumable_checkpoint(run_dir)
+        for bad, why in skipped:
+            print(f"[resume] skipping {bad}: {why}", flush=True)
         if latest is None:
+            if skipped:
+                raise UserError(f"{run_dir}: no checkpoint to resume from loads ({len(skipped)} skipped; "
+                                f"newest: {skipped[0][1]})")
             raise UserError(f"{run_dir}: no checkpoint to resume from")
         state = load_checkpoint(latest)
         stored = from_dict(json.loads(state["config"]), f"{latest}")
@@ -518,8 +556,10 @@ def _plan_run(cfg: TrainConfig, resume: str | os.PathLike | None) -> _RunPlan:
             cfg = stored  # the run's own config wins; a resumed run must not change its recipe
         start_epoch, resume_from = int(state["epoch"]), str(latest)
         if start_epoch >= cfg.optim.epochs:
+            final = run_dir / "final.pt"
             return _RunPlan(cfg, run_dir, start_epoch, resume_from,
-                            done=TrainResult(run_dir, latest, json.loads(state["metrics"])))
+                            done=TrainResult(run_dir, final if final.is_file() else latest,
+                                             json.loads(state["metrics"])))
     elif run_dir.exists() and find_latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir}: a run with checkpoints already exists (use --resume {run_dir} "
                         "or another name)")
@@ -640,7 +680,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
                 on_phase_end(checkpoint, end)
     state = load_checkpoint(checkpoint)
     final = run_dir / "final.pt"
-    shutil.copyfile(checkpoint, final)
+    _atomic_copy(checkpoint, final)  # a kill mid-copy must not leave a truncated final.pt
     return TrainResult(run_dir, final, json.loads(state["metrics"]))
 
 
