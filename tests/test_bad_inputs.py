@@ -332,6 +332,16 @@ def _distractors_short(d):
               "--distractor-features", str(features(d, "dis.npy")))
 
 
+def _eval_flag(*flag: str):
+    def build(d):
+        root = make_ijbc(d, images=False)
+        argv = ev(root, "--old-features", str(features(d, "old.npy")))
+        for name, value in zip(flag[::2], flag[1::2]):  # the flag given last wins in argparse
+            argv += [name, value]
+        return argv
+    return build
+
+
 def _proto_inputs(d: Path, *, old=None, new=None, labels=None) -> None:
     rng = np.random.default_rng(0)
     o = rng.standard_normal((20, 8)).astype(np.float32)
@@ -512,6 +522,16 @@ CASES = [
          ("new.npy", "refused to load", "Python objects")),
     Case("feat-distractors", "feature file", "`--distractors 50` with 12 distractor rows", _distractors_short,
          "`dis.npy: distractor features has 12 rows, at least 50 are needed`", ("dis.npy", "at least 50")),
+    Case("flag-far-high", "flag", "`--criterion-far 7` (a FAR is a rate)", _eval_flag("--criterion-far", "7"),
+         "`--criterion-far: must be in (0, 1), got 7.0`", ("--criterion-far", "(0, 1)")),
+    Case("flag-far-negative", "flag", "`--criterion-far -1`", _eval_flag("--criterion-far", "-1"),
+         "`--criterion-far: must be in (0, 1), got -1.0`", ("--criterion-far", "got -1.0")),
+    Case("flag-bootstrap", "flag", "`--bootstrap -5`", _eval_flag("--bootstrap", "-5"),
+         "`--bootstrap: must be in [0, 1e+06], got -5`", ("--bootstrap", "got -5")),
+    Case("flag-distractors", "flag", "`--distractors -10`", _eval_flag("--distractors", "-10"),
+         "`--distractors: must be >= 0, got -10`", ("--distractors", "got -10")),
+    Case("flag-actors", "flag", "`--actors -4`", _eval_flag("--actors", "-4"),
+         "`--actors: must be in [1, 100000], got -4`", ("--actors", "got -4")),
     Case("proto-labels", "feature file", "`prototypes`: one label fewer than feature rows", _proto_labels_short,
          "`l.npy: 19 labels for 20 feature rows in o.npy`", ("l.npy", "19 labels for 20")),
     Case("proto-inf", "feature file", "`prototypes`: an inf in the new features", _proto_inf,

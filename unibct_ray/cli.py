@@ -437,10 +437,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Ranges of the numeric flags, by destination name, checked after parsing and before any work:
+#: (lowest, highest, whether the bounds are open). A flag a subcommand lacks is skipped.
+_FLAG_RANGES: dict[str, tuple[float, float, bool]] = {
+    "criterion_far": (0.0, 1.0, True),
+    "ratio": (0.0, 1.0, True),
+    "lam": (0.0, 1.0, True),
+    "gpus_per_actor": (0.0, 1.0, False),
+    "temperature": (0.0, 1e3, True),
+    "count_spread": (0.0, 1.0, False),
+    "strength": (0.0, 100.0, False),
+    "bootstrap": (0, 1_000_000, False),
+    "distractors": (0, 1 << 40, False),
+    "impostor_pairs": (0, 1 << 40, False),
+    "seed": (0, 2**63 - 1, False),
+    "actors": (1, 100_000, False),
+    "shards": (1, 100_000, False),
+    "workers": (1, 100_000, False),
+    "num_workers": (1, 100_000, False),
+    "num_cpus": (1, 1_000_000, False),
+    "parallelism": (1, 1_000_000, False),
+    "rows_per_shard": (1, 1 << 30, False),
+    "batch_size": (1, 1 << 20, False),
+    "num_samples": (1, 1_000_000, False),
+    "max_concurrent": (1, 100_000, False),
+}
+
+
+def check_flag_ranges(args: argparse.Namespace) -> None:
+    """Every numeric flag in range, finite, before anything starts (``--criterion-far 7`` used to
+    write a report, ``--bootstrap -5`` to raise deep inside, ``--actors -4`` to be ignored)."""
+    import math
+
+    for dest, (lo, hi, open_) in _FLAG_RANGES.items():
+        v = getattr(args, dest, None)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        ok = math.isfinite(v) and ((lo < v < hi) if open_ else (lo <= v <= hi))
+        if not ok:
+            bounds = f"in ({lo:g}, {hi:g})" if open_ else (f">= {lo:g}" if hi >= 1 << 30 else f"in [{lo:g}, {hi:g}]")
+            raise UserError(f"--{dest.replace('_', '-')}: must be {bounds}, got {v}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "command", None) != "bench":  # benches check their own sizes
+            check_flag_ranges(args)
         return int(args.run(args) or 0)
     except UserError as e:
         if args.debug:
