@@ -219,6 +219,20 @@ def _undecodable_image(d):
     return convert(rec, "--verify", "header")
 
 
+def _shards_labels(values):
+    """A shard set whose Parquet label column is replaced by ``values`` (same row count)."""
+    def build(d):
+        import pyarrow.parquet as pq
+
+        src = make_shards(d)
+        f = src / "part-00000.parquet"
+        t = pq.read_table(f)
+        col = pa.array(values(t.num_rows))
+        pq.write_table(t.set_column(t.schema.get_field_index("label"), "label", col), f)
+        return split(src)
+    return build
+
+
 def _shards_empty(d):
     (d / "shards").mkdir()
     return split(d / "shards")
@@ -457,6 +471,12 @@ CASES = [
          "`train.idx:2: key and offset must be integers, got b'1\\tabc'`", ("train.idx:2", "must be integers")),
     Case("idx-missing", "`.idx`", "no `.idx` beside the `.rec`", _idx_missing,
          "`train.idx: index file not found`", ("train.idx", "not found")),
+    Case("shards-string-labels", "shard folder", "a Parquet `label` column of strings", _shards_labels(lambda n: [f"id{i}" for i in range(n)]),
+         "`shards/part-00000.parquet: column 'label' holds string, expected integers`", ("part-00000.parquet", "'label'", "expected integers")),
+    Case("shards-huge-label", "shard folder", "a label of 2**40 (per-class arrays would take terabytes)", _shards_labels(lambda n: [0] * (n - 1) + [2**40]),
+         "`shards/part-00000.parquet: row 11 has label 1099511627776, outside 0..2 (manifest.json lists 3 classes)`", ("part-00000.parquet", "row 11", "outside 0..2")),
+    Case("shards-negative-label", "shard folder", "a label of -5", _shards_labels(lambda n: [-5] + [0] * (n - 1)),
+         "`shards/part-00000.parquet: row 0 has label -5, outside 0..2 (manifest.json lists 3 classes)`", ("part-00000.parquet", "row 0", "label -5")),
     Case("shards-empty", "shard folder", "an empty folder", _shards_empty,
          "`shards/manifest.json: not found (empty directory?)`", ("manifest.json", "not found")),
     Case("shards-no-label", "shard folder", "manifest without the `label` column", _shards_no_label_column,

@@ -287,9 +287,34 @@ def read_columns(manifest: Manifest, columns: list[str]) -> dict[str, np.ndarray
         absent = [c for c in columns if c not in schema.names]
         if absent:
             raise DataFormatError(f"{path}: missing column(s) {absent} (has {schema.names})")
+        for c in columns:
+            t = schema.field(c).type
+            if c in _INTEGER_COLUMNS and not pa.types.is_integer(t):
+                raise DataFormatError(f"{path}: column {c!r} holds {t}, expected integers")
         table = pq.read_table(path, columns=columns)
         if table.num_rows != s.rows:
             raise DataFormatError(f"{path}: {table.num_rows} rows, {MANIFEST} says {s.rows}")
         for c in columns:
-            out[c].append(table.column(c).to_numpy())
+            col = table.column(c).to_numpy()
+            if c in ("label", "source_label") and col.size:
+                _check_label_range(col, path, c, manifest)
+            out[c].append(col)
     return {c: (np.concatenate(v) if v else np.zeros(0, np.int64)) for c, v in out.items()}
+
+
+_INTEGER_COLUMNS = ("label", "index", "source_label")
+#: No class id above this: a label of 2**40 would make per-class arrays terabytes long.
+MAX_LABEL = (1 << 31) - 1
+
+
+def _check_label_range(col: np.ndarray, path: Path, name: str, manifest: Manifest) -> None:
+    """Labels in ``[0, label bound]``: the manifest's ``label_max`` (or ``classes - 1``) for
+    ``label``, :data:`MAX_LABEL` for both. Names the file and the first bad row."""
+    bound = MAX_LABEL
+    if name == "label":
+        bound = min(bound, max(int(manifest.classes) - 1, int(manifest.extra.get("label_max", -1))))
+    bad = np.flatnonzero((col < 0) | (col > bound))
+    if bad.size:
+        i = int(bad[0])
+        raise DataFormatError(f"{path}: row {i} has {name} {int(col[i])}, outside 0..{bound} "
+                              f"({MANIFEST} lists {manifest.classes} classes)")
