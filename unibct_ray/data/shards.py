@@ -308,13 +308,14 @@ MAX_LABEL = (1 << 31) - 1
 
 
 def _check_label_range(col: np.ndarray, path: Path, name: str, manifest: Manifest) -> None:
-    """Labels in ``[0, label bound]``: the manifest's ``label_max`` (or ``classes - 1``) for
-    ``label``, :data:`MAX_LABEL` for both. Names the file and the first bad row."""
-    bound = MAX_LABEL
-    if name == "label":
-        bound = min(bound, max(int(manifest.classes) - 1, int(manifest.extra.get("label_max", -1))))
+    """Labels in ``[0, bound]``: the manifest's ``label_max`` when it has one (``data convert``
+    writes it), else a bound from the row count that still allows sparse class ids. A label of
+    2**40 or -5 is refused here, before per-class arrays are allocated. Names the file and row."""
+    if name == "label" and "label_max" in manifest.extra:
+        bound, why = int(manifest.extra["label_max"]), f"{MANIFEST}'s label_max"
+    else:  # class ids may be sparse (a split keeps the source's), but not wildly so
+        bound, why = min(MAX_LABEL, max(1 << 20, 16 * int(manifest.rows))), f"{manifest.rows} rows"
     bad = np.flatnonzero((col < 0) | (col > bound))
     if bad.size:
         i = int(bad[0])
-        raise DataFormatError(f"{path}: row {i} has {name} {int(col[i])}, outside 0..{bound} "
-                              f"({MANIFEST} lists {manifest.classes} classes)")
+        raise DataFormatError(f"{path}: row {i} has {name} {int(col[i])}, outside 0..{bound} ({why})")
