@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "search": ("unibct_ray.bench.search", "FAISS gallery shards on Ray actors vs one index"),
     "eval": ("unibct_ray.bench.eval", "the IJB-C evaluator vs the public algorithm at full IJB-C scale"),
     "recipe": ("unibct_ray.bench.recipe", "in-process recipe probe: old vs new model TAR without Ray"),
+    "prototypes-oracle": ("unibct_ray.bench.oracle", "mean vs row vs column prototypes against the true class centre"),
 }
 
 
