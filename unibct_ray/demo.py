@@ -148,16 +148,22 @@ def _train_or_reuse_group(cfgs: list[Any]) -> list[Path]:
     return out
 
 
-def _prepare_data(out: Path, plan: DemoPlan, seed: int, scenarios: list[str]) -> tuple[Path, dict[str, Path]]:
-    """Render + convert + split once per (sizes, seed); returns (synth dir, {scenario: split dir})."""
+def _prepare_data(out: Path, plan: DemoPlan, seed: int, scenarios: list[str],
+                  spec: Any = None) -> tuple[Path, dict[str, Path]]:
+    """Render + convert + split once per (sizes, seed); returns (synth dir, {scenario: split dir}).
+
+    ``spec``: the ``SynthSpec`` to render (default: the plan's sizes, no training noise); the
+    cache is keyed by its settings.
+    """
     from unibct_ray.data.shards import atomic_write_text
     from unibct_ray.data.splits import split_shards
     from unibct_ray.data.synth import SynthSpec
     from unibct_ray.distributed.convert import convert_rec
     from unibct_ray.distributed.synth import synthesize
 
-    spec = SynthSpec(identities=plan.identities, images_per_identity=plan.images_per_identity,
-                     size=plan.image_size, eval_identities=plan.eval_identities, seed=seed)
+    if spec is None:
+        spec = SynthSpec(identities=plan.identities, images_per_identity=plan.images_per_identity,
+                         size=plan.image_size, eval_identities=plan.eval_identities, seed=seed)
     key = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = out / "data" / key
     synth, shards = root / "synth", root / "shards"
