@@ -50,7 +50,7 @@ def test_science_quick_end_to_end_and_resume(ray_session, tmp_path, capsys):
     from unibct_ray.cli import main
 
     out = tmp_path / "sci"
-    argv = ["bench", "science", "--quick", "--out", str(out), "--methods", "bct", "unibct", "--weights"]
+    argv = ["bench", "science", "--quick", "--out", str(out), "--methods", "bct", "unibct"]  # + a sweep at x0.3
     assert main(argv) == 0
     res = json.loads((out / "science.json").read_text())
     assert res["seeds"] == [0, 1] and set(res["aggregate"]["methods"]) == {"bct", "unibct"}
@@ -69,6 +69,12 @@ def test_science_quick_end_to_end_and_resume(ray_session, tmp_path, capsys):
     # a rerun reuses every finished run and evaluation
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("reusing the finished run") == 1 + 2 * 2
+    assert printed.count("reusing the finished run") == 1 + 2 * 2 + 2
     again = json.loads((out / "science.json").read_text())
-    assert again["per_seed"] == res["per_seed"]
+    assert again["per_seed"] == res["per_seed"] and again["tradeoff"] == res["tradeoff"]
+    # the trade-off: weight x0.3 and the configured weight (x1 = the seed-0 run) per method
+    for m in ("bct", "unibct"):
+        pts = res["tradeoff"][m]
+        assert [p["factor"] for p in pts] == [0.3, 1.0]
+        assert pts[1]["cross"] == res["per_seed"][m]["0"]["cross@1e-4"]
+    assert (out / "tradeoff.png").stat().st_size > 5_000
