@@ -77,11 +77,12 @@ def test_tiny_oracle_end_to_end(tmp_path):
     p = argparse.ArgumentParser()
     add_arguments(p)
     a = p.parse_args(["--identities", "20", "--images-per-identity", "6", "--rates", "0", "0.2", "--epochs", "1",
-                      "--old-identities", "20", "--old-images", "4", "--plot", str(tmp_path / "o.png")])
+                      "--old-identities", "20", "--old-images", "4", "--population-images", "2", "--plot", str(tmp_path / "o.png")])
     res = run(a)
     assert set(res["rates"]) == {"0", "0.2"}
     for r in res["rates"].values():
         assert r["overall"]["classes"] == 20 and r["images"] == 120
         assert -1 <= r["overall"]["cos_row"] <= 1
     assert res["rates"]["0"]["overall"]["dirty_share"] == 0
+    assert res["rates"]["0"]["vs_population_centre"]["overall"]["classes"] == 20
     assert (tmp_path / "o.png").stat().st_size > 5_000

@@ -17,7 +17,12 @@ Per class it scores three prototypes by cosine to the true centre:
   images, as in training;
 * ``column``: the same with the column softmax (the public re-implementation).
 
-and reports the effective sample size ESS = 1 / sum_i w_i^2 of each, where ``w`` are the
+The template is one picture; as a second reference, the *population centre* is the normalised
+mean old feature of ``--population-images`` fresh renders of the identity under the ordinary
+nuisance, with no label noise and no outliers (``vs_population_centre`` in the result): the
+centre the clean images of the class scatter around.
+
+It also reports the effective sample size ESS = 1 / sum_i w_i^2 of each, where ``w`` are the
 weights the prototype puts on the samples (p = normalise(sum_i w_i o_i), sum_i w_i = 1):
 ``w = 1/n`` for the mean; ``w = (1 - lam) / n * (I - lam P)^-T 1`` for a refinement (computed
 here by its own float64 solve, independent of the batched one in ``compat.prototypes``), and
@@ -241,7 +246,7 @@ def oracle(*, identities: int = 300, images_per_identity: int = 10, long_tail: f
            rates: Sequence[float] = (0.0, 0.1, 0.2), size: int = 32, seed: int = 0, epochs: int = 10,
            old_identities: int = 300, old_images: int = 8, embedding: int = 128,
            old_checkpoint: str | None = None, new_checkpoint: str | None = None, lam: float = 0.9,
-           tau: float = 0.05, processes: int = 2, log=_say) -> dict:
+           tau: float = 0.05, population_images: int = 16, processes: int = 2, log=_say) -> dict:
     """Run the oracle (see the module docstring) -> the JSON result."""
     from unibct_ray.bench.recipe import _embed, render_set, train_model
     from unibct_ray.data.synth import SynthSpec, class_sizes, training_truth
@@ -260,6 +265,7 @@ def oracle(*, identities: int = 300, images_per_identity: int = 10, long_tail: f
                                      old_identities=old_identities, old_images=old_images,
                                      embedding=embedding,
                                      old_checkpoint=old_checkpoint, new_checkpoint=new_checkpoint, lam=lam, tau=tau,
+                                     population_images=population_images,
                                      noise="per class round(r/2 n) label-noise + round(r/2 n) outlier images"),
                     "rates": {}}
     new_fixed = _load(new_checkpoint) if new_checkpoint else None
@@ -282,12 +288,23 @@ def oracle(*, identities: int = 300, images_per_identity: int = 10, long_tail: f
         centres = _embed(old, templates).numpy().astype(np.float64)
         scores = class_scores(o, f, y, centres, truth.noisy | truth.outlier, lam=lam, tau=tau)
         summary = summarise(scores)
+        if population_images:
+            # Stream 9: renders of the same identities that are not in the training set.
+            xp, yp = render_set(seed, range(identities), population_images, 9, size=size, processes=processes)
+            pop = _embed(old, xp).numpy().astype(np.float64).reshape(identities, population_images, -1).mean(1)
+            pop /= np.linalg.norm(pop, axis=1, keepdims=True)
+            summary["vs_population_centre"] = summarise(
+                class_scores(o, f, y, pop, truth.noisy | truth.outlier, lam=lam, tau=tau))
+            summary["template_vs_population_cos"] = _r(float((pop * centres).sum(1).mean()))
         summary["images"] = int(len(y))
         summary["size_max"] = int(sizes.max())
         result["rates"][f"{rate:g}"] = summary
         ov = summary["overall"]
         log(f"rate {rate:g}: cos mean {ov['cos_mean']}  row {ov['cos_row']}  column {ov['cos_column']}  "
             f"ESS/n row {ov['ess_over_n_row']}")
+        if population_images:
+            pv = summary["vs_population_centre"]["overall"]
+            log(f"  vs population centre: cos mean {pv['cos_mean']}  row {pv['cos_row']}")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -314,6 +331,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-checkpoint", default=None, help="new-model checkpoint instead of training one per rate")
     p.add_argument("--lam", type=float, default=0.9)
     p.add_argument("--tau", type=float, default=0.05)
+    p.add_argument("--population-images", type=int, default=16,
+                   help="clean renders per identity for the population centre (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=Path("prototypes-oracle.png"), help="PNG to write")
 
@@ -330,7 +349,8 @@ def run(a: argparse.Namespace) -> dict:
     res = oracle(identities=a.identities, images_per_identity=a.images_per_identity, long_tail=a.long_tail,
                  rates=a.rates, size=a.size, seed=a.seed, epochs=a.epochs, old_identities=a.old_identities,
                  old_images=a.old_images, embedding=a.embedding,
-                 old_checkpoint=a.old_checkpoint, new_checkpoint=a.new_checkpoint, lam=a.lam, tau=a.tau)
+                 old_checkpoint=a.old_checkpoint, new_checkpoint=a.new_checkpoint, lam=a.lam, tau=a.tau,
+                 population_images=a.population_images)
     _plot(res, a.plot)
     res["plot"] = str(a.plot)
     return res

@@ -7,7 +7,7 @@ synth --label-noise --outliers --long-tail``) and the science IJB-C
 template pairs, so TAR@FAR=1e-4 rests on 100 impostor pairs), splits it for ``--scenario``
 (default extended-class: the new model sees more identities than the old one), trains the
 old model once (``tiny``) and, for each seed, one new model per method with a stronger
-backbone (``small``: twice tiny's depth, as r18 -> r50), all new models in one Ray Train fit,
+backbone (``small``: twice tiny's depth, as r18 -> r50), the new models of a seed in one Ray Train fit,
 then evaluates every new model against the old one on the science IJB-C.
 
 It reports per method the mean +- sd over seeds of self_old, self_new and cross at FAR 1e-4
@@ -292,21 +292,26 @@ def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = Fa
     _say(f"[{scenario}] old model ({plan.old_backbone}, {old_cfg.optim.epochs} epochs)")
     old_ckpt = _train_or_reuse(old_cfg)
 
-    jobs: list[tuple[str, Any]] = []  # (key, config)
+    # One Ray Train fit per seed (the runs of a fit share their data order and seed): every
+    # method of that seed, and the weight sweep with the first seed.
+    groups: dict[int, list[tuple[str, Any]]] = {s: [] for s in plan.seeds}  # seed -> [(key, config)]
     for s in plan.seeds:
         for m in methods:
-            jobs.append((f"{m}/seed-{s}", _method_config(m, split, runs / f"seed-{s}", old_ckpt,
-                                                         cache / "old-features", dplan, s)))
+            groups[s].append((f"{m}/seed-{s}", _method_config(m, split, runs / f"seed-{s}", old_ckpt,
+                                                              cache / "old-features", dplan, s)))
     sweep_methods = [m for m in methods if m != "independent"]
     for f in plan.weights:
         for m in sweep_methods:
             base = _method_config(m, split, runs, old_ckpt, cache / "old-features", dplan, plan.seeds[0])
             w_plan = replace(dplan, extra=(*dplan.extra, f"compat.weight={base.compat.weight * f:g}"))
-            jobs.append((f"{m}/weight-x{f:g}", _method_config(m, split, runs / f"weight-x{f:g}", old_ckpt,
-                                                                 cache / "old-features", w_plan, plan.seeds[0])))
-    _say(f"[{scenario}] {len(jobs)} new models ({plan.new_backbone}): {len(methods)} methods x {len(plan.seeds)} seeds"
-         + (f" + a weight sweep x{list(plan.weights)}" if plan.weights else "") + ", in one Ray Train fit")
-    ckpts = dict(zip([k for k, _ in jobs], _train_or_reuse_group([c for _, c in jobs])))
+            groups[plan.seeds[0]].append((f"{m}/weight-x{f:g}", _method_config(
+                m, split, runs / f"weight-x{f:g}", old_ckpt, cache / "old-features", w_plan, plan.seeds[0])))
+    n_jobs = sum(map(len, groups.values()))
+    _say(f"[{scenario}] {n_jobs} new models ({plan.new_backbone}): {len(methods)} methods x {len(plan.seeds)} seeds"
+         + (f" + a weight sweep x{list(plan.weights)}" if plan.weights else "") + ", one Ray Train fit per seed")
+    ckpts: dict[str, Path] = {}
+    for s, jobs in groups.items():
+        ckpts.update(zip([k for k, _ in jobs], _train_or_reuse_group([c for _, c in jobs])))
 
     _say(f"[{scenario}] features of {1 + len(ckpts)} models on the IJB-C, then the evaluations")
     meta = read_ijbc_meta(synth)
