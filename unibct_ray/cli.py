@@ -206,17 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per identity vary uniformly in K*(1 +- spread) (0: exactly K)")
     p.add_argument("--size", type=int, default=112, help="side of the aligned training crops in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--subjects", "--eval-identities", dest="eval_identities", type=int, default=200,
+    p.add_argument("--subjects", "--eval-identities", dest="eval_identities", type=int, default=200, metavar="N",
                    help="IJB-C subjects (disjoint from training)")
     p.add_argument("--gallery-images", type=int, default=3, help="stills in each subject's gallery template")
     p.add_argument("--probes-per-subject", "--probes-per-identity", dest="probes_per_identity", type=int,
-                   default=3, help="IJB-C probe templates per subject")
+                   default=3, metavar="N", help="IJB-C probe templates per subject")
     p.add_argument("--video-frames", type=int, default=6,
                    help="frames of an IJB-C video media: min(3, N)..N (1: stills only)")
     p.add_argument("--impostor-pairs", type=int, default=20_000, help="IJB-C 1:1 impostor pairs (at most)")
-    p.add_argument("--label-noise", type=float, default=0.0,
+    p.add_argument("--label-noise", type=float, default=0.0, metavar="F",
                    help="fraction of each class's images rendered from another identity, keeping the label")
-    p.add_argument("--outliers", type=float, default=0.0,
+    p.add_argument("--outliers", type=float, default=0.0, metavar="F",
                    help="fraction of each class's images forced hard (extreme pose, strong blur, heavy occlusion)")
     p.add_argument("--long-tail", type=float, default=0.0, metavar="ALPHA",
                    help="power-law class sizes n_r ~ r^-ALPHA with the same mean (0: off; replaces --count-spread)")
