@@ -28,6 +28,17 @@ def test_checks_and_aggregate_against_hand_values():
     assert row == "| open-class | unibct | 3 | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.200 | 2/3 |"
 
 
+def test_summary_table_quotes_1e4_beside_1e3():
+    from unibct_ray.demo import _table
+
+    rep = _report(0.4, 0.5, 0.45)
+    rep["verification"]["cross"]["1e-4"] = 0.25  # only 1e-4 differs
+    rep["identification"] = {t: {"top1": 0.9} for t in ("self_old", "self_new", "cross")}
+    head, _, row = _table({"unibct": rep})
+    assert "@1e-4 self_old / self_new / cross" in head
+    assert "| 0.400 | 0.500 | 0.450 |" in row and "| 0.400 / 0.500 / 0.250 |" in row
+
+
 def test_every_default_plan_leaves_the_old_model_several_images_per_identity():
     """A data split of 1,000 identities x 2-8 images left the old model 1-2 of each (near chance)."""
     budgets = []

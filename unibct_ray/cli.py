@@ -52,9 +52,14 @@ def _cmd_synth(a: argparse.Namespace) -> int:
         seed=a.seed,
         count_spread=a.count_spread,
         eval_identities=a.eval_identities,
+        gallery_images=a.gallery_images,
         probes_per_identity=a.probes_per_identity,
+        video_frames=a.video_frames,
         impostor_pairs=a.impostor_pairs,
         strength=a.strength,
+        label_noise=a.label_noise,
+        outliers=a.outliers,
+        long_tail=a.long_tail,
     )
     spec.validate()
     ensure_ray(a.address, num_cpus=a.num_cpus)
@@ -235,8 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
              "  OUT/IJBC/loose_crop/*.jpg      unaligned evaluation faces (disjoint identities)\n"
              "  OUT/IJBC/meta/*                ijbc_face_tid_mid.txt, ijbc_name_5pts_score.txt,\n"
              "                                 ijbc_template_pair_label.txt, ijbc_1N_*.csv\n"
+             "  OUT/train_truth.parquet        per training image: index, label, true_identity,\n"
+             "                                 noisy, outlier (what --label-noise/--outliers did)\n"
              "  OUT/synth.json                 the settings, so the set can be re-rendered\n"
-             "Deterministic for a given --seed, whatever the number of Ray workers.",
+             "Deterministic for a given --seed, whatever the number of Ray workers.\n\n"
+             "An evaluation set that resolves TAR@FAR=1e-4 (2,000 subjects, 10k genuine and 1M\n"
+             "impostor template pairs, ~44k images):\n"
+             "  --subjects 2000 --gallery-images 2 --probes-per-subject 5 --video-frames 3\n"
+             "  --impostor-pairs 1000000",
              _cmd_synth)
     p.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
     p.add_argument("--identities", type=int, default=200, help="training identities (classes)")
@@ -245,9 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per identity vary uniformly in K*(1 +- spread) (0: exactly K)")
     p.add_argument("--size", type=int, default=112, help="side of the aligned training crops in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--eval-identities", type=int, default=200, help="IJB-C subjects (disjoint from training)")
-    p.add_argument("--probes-per-identity", type=int, default=3, help="IJB-C probe templates per subject")
+    p.add_argument("--subjects", "--eval-identities", dest="eval_identities", type=int, default=200, metavar="N",
+                   help="IJB-C subjects (disjoint from training)")
+    p.add_argument("--gallery-images", type=int, default=3, help="stills in each subject's gallery template")
+    p.add_argument("--probes-per-subject", "--probes-per-identity", dest="probes_per_identity", type=int,
+                   default=3, metavar="N", help="IJB-C probe templates per subject")
+    p.add_argument("--video-frames", type=int, default=6,
+                   help="frames of an IJB-C video media: min(3, N)..N (1: stills only)")
     p.add_argument("--impostor-pairs", type=int, default=20_000, help="IJB-C 1:1 impostor pairs (at most)")
+    p.add_argument("--label-noise", type=float, default=0.0, metavar="F",
+                   help="fraction of each class's images rendered from another identity, keeping the label")
+    p.add_argument("--outliers", type=float, default=0.0, metavar="F",
+                   help="fraction of each class's images forced hard (extreme pose, strong blur, heavy occlusion)")
+    p.add_argument("--long-tail", type=float, default=0.0, metavar="ALPHA",
+                   help="power-law class sizes n_r ~ r^-ALPHA with the same mean (0: off; replaces --count-spread)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="nuisance strength (0 = clean canonical faces; 1 = benchmark default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

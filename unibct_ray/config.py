@@ -36,7 +36,7 @@ __all__ = [
 
 METHODS = ("independent", "l2", "bct", "unibct")
 HEADS = ("arcface", "cosface", "softmax")
-BACKBONES = ("r18", "r34", "r50", "r100", "tiny")
+BACKBONES = ("r18", "r34", "r50", "r100", "tiny", "small")
 #: Upper bounds of sizes and counts: far above any real run, far below an allocation that
 #: would take a machine down (an embedding of 8,192 floats, a batch of 2^20 images).
 MAX_EMBEDDING = 8192

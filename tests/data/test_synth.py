@@ -16,7 +16,8 @@ from unibct_ray.data.recordio import RecordIOReader
 from unibct_ray.data.synth import SynthSpec, plan_ijbc
 
 ARGS = ["--identities", "12", "--images-per-identity", "4", "--size", "32", "--eval-identities", "8",
-        "--probes-per-identity", "2", "--impostor-pairs", "60", "--seed", "3", "--no-progress"]
+        "--probes-per-identity", "2", "--impostor-pairs", "60", "--seed", "3", "--no-progress",
+        "--label-noise", "0.25", "--outliers", "0.25"]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,7 @@ def test_deterministic_whatever_the_chunking(synth_dir, tmp_path, monkeypatch):
     assert main(["data", "synth", "--out", str(out), *ARGS]) == 0
     assert (out / "train.rec").read_bytes() == (synth_dir / "train.rec").read_bytes()
     assert (out / "train.idx").read_bytes() == (synth_dir / "train.idx").read_bytes()
+    assert (out / "train_truth.parquet").read_bytes() == (synth_dir / "train_truth.parquet").read_bytes()
     for f in sorted((synth_dir / "IJBC" / "meta").iterdir()):
         assert (out / "IJBC" / "meta" / f.name).read_bytes() == f.read_bytes(), f.name
     names = sorted(p.name for p in (synth_dir / "IJBC" / "loose_crop").iterdir())
@@ -85,6 +87,7 @@ def test_deterministic_whatever_the_chunking(synth_dir, tmp_path, monkeypatch):
                for n in names)
     doc = json.loads((out / "synth.json").read_text())
     assert doc["spec"]["seed"] == 3
+    assert doc["spec"]["label_noise"] == 0.25 and doc["spec"]["outliers"] == 0.25
 
 
 def test_default_plan_has_enough_impostors():

@@ -6,6 +6,7 @@ node sees (NFS, a mounted bucket): each task maps the ``.rec`` and writes its ow
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ from unibct_ray.data.convert import RangeResult, convert_range, plan_ranges
 from unibct_ray.data.recordio import RecordIOReader
 from unibct_ray.data.shards import Manifest, StagedDir, read_manifest, shard_name, write_manifest
 from unibct_ray.distributed.runtime import run_tasks
-from unibct_ray.errors import UserError
+from unibct_ray.errors import DataFormatError, UserError
 
 __all__ = ["convert_rec"]
 
@@ -27,6 +28,21 @@ __all__ = ["convert_rec"]
 def _convert_task(reader: RecordIOReader, out_path: str, verify: str) -> RangeResult:
     with reader:
         return convert_range(reader, reader.keys, Path(out_path), verify)
+
+
+def _synth_origin(rec: Path) -> dict:
+    """``{"synth": settings}`` when a ``synth.json`` sits beside the ``.rec`` (else empty):
+    a shard set then says which label noise / outliers / class-size law it was rendered with."""
+    path = rec.resolve().parent / "synth.json"
+    if not path.is_file():
+        return {}
+    try:
+        spec = json.loads(path.read_text())["spec"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataFormatError(f"{path}: not a data synth settings file ({e})") from e
+    keys = ("identities", "images_per_identity", "count_spread", "seed", "size", "strength",
+            "label_noise", "outliers", "long_tail")
+    return {"synth": {k: spec.get(k, 0.0) for k in keys}}
 
 
 def convert_rec(
@@ -79,6 +95,7 @@ def convert_rec(
                 "idx": str(reader.idx_path.resolve()),
                 "rec_bytes": reader.size,
                 "header": [header.image_end, header.second],
+                **_synth_origin(Path(rec)),
             },
             verify=verify,
         )

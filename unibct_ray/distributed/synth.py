@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from unibct_ray.data import ijbc_writers
@@ -24,6 +26,7 @@ from unibct_ray.data.synth import (
     class_sizes,
     plan_ijbc,
     render_ijbc_rows,
+    training_truth,
     write_train_part,
     write_train_trailer,
 )
@@ -57,7 +60,8 @@ def _chunks(weights: np.ndarray, target: int, min_chunks: int) -> list[tuple[int
 
 
 def synthesize(spec: SynthSpec, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write ``out/train.rec``, ``out/train.idx``, ``out/IJBC/`` and ``out/synth.json``."""
+    """Write ``out/train.rec``, ``out/train.idx``, ``out/train_truth.parquet``, ``out/IJBC/``
+    and ``out/synth.json``."""
     spec.validate()
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     sizes = class_sizes(spec)
@@ -86,6 +90,8 @@ def synthesize(spec: SynthSpec, out: str | os.PathLike, *, overwrite: bool = Fal
                 w.append_file(part, part.with_suffix(".idx"))
             header = write_train_trailer(spec, w)
         shutil.rmtree(parts)
+        truth = training_truth(spec)
+        pq.write_table(pa.table(truth.columns()), stage.path / "train_truth.parquet")
 
         if plan:
             starts = sorted(k[1] for k in results if isinstance(k, tuple))
@@ -104,6 +110,8 @@ def synthesize(spec: SynthSpec, out: str | os.PathLike, *, overwrite: bool = Fal
         summary = {
             "out": str(Path(out)),
             "train": {"identities": spec.identities, "images": int(sizes.sum()),
+                      "size_max": int(sizes.max()), "noisy_images": int(truth.noisy.sum()),
+                      "outlier_images": int(truth.outlier.sum()),
                       "rec_bytes": (stage.path / "train.rec").stat().st_size,
                       "header": [header.image_end, header.second]},
             "ijbc": None if not plan else {
