@@ -75,7 +75,7 @@ GPU_SIZES: dict[str, Any] = {
 CPU_SMOKE_SIZES: dict[str, Any] = {
     "backbone": "tiny", "size": 32, "embedding_size": 32, "batch": 16, "classes": 8,
     "train_steps": 2, "train_epochs": 2, "plain_warmup_steps": 1, "cpus_per_worker": 1.0,
-    "distinct": 32, "extract_images": 96, "extract_small_images": 32, "extract_batch": 32,
+    "distinct": 32, "extract_images": 96, "extract_small_images": 0, "extract_batch": 32,
     "extract_gpus": 0.25, "extract_actors": 1, "rows_per_shard": 48,
     "refine_classes": 40, "refine_d": 16,
 }
