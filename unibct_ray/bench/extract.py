@@ -181,7 +181,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64, help="images per forward pass (both contenders)")
     p.add_argument("--cores", type=int, default=None, help="cores to use (default: all of this machine's)")
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: --cores)")
-    p.add_argument("--rows-per-shard", type=int, default=50_000, help="rows per Parquet file (data convert's default)")
+    p.add_argument("--rows-per-shard", type=int, default=50_000,
+                   help="rows per Parquet file (data convert's default). Ray Data reads a file as one block and "
+                        "an actor takes a block whole: a set of fewer files than actors leaves actors idle")
     p.add_argument("--distinct", type=int, default=256, help="distinct images, repeated to fill the set")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best of each is reported")
 
