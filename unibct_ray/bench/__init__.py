@@ -27,14 +27,17 @@ BENCHES: dict[str, tuple[str, str]] = {
     "recipe": ("unibct_ray.bench.recipe", "in-process recipe probe: old vs new model TAR without Ray"),
     "prototypes-oracle": ("unibct_ray.bench.oracle", "mean vs row vs column prototypes against the true class centre"),
     "science": ("unibct_ray.bench.science", "methods over seeds on noisy data, TAR@1e-4 on the science IJB-C"),
+    "extract": ("unibct_ray.bench.extract", "feature extraction on the Ray actor pool vs a plain one-process loop"),
+    "gpu": ("unibct_ray.bench.gpu", "GPU check: Ray Train, extraction, refinement vs plain loops; pytest -m gpu"),
 }
 
 
 def _run(name: str, module: str, a: argparse.Namespace) -> int:
-    from unibct_ray.bench.common import emit
+    from unibct_ray.bench.common import emit, exit_status
 
-    emit(name, importlib.import_module(module).run(a), a.json)
-    return 0
+    result = importlib.import_module(module).run(a)
+    emit(name, result, a.json)
+    return exit_status(result)  # 1 when the result reports a failed check (``ok: false``)
 
 
 def add_bench_parser(sub: argparse._SubParsersAction, formatter: type) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 __all__ = ["side_by_side", "timing_summary", "flatten", "format_table", "emit", "add_output_arguments",
-           "standalone", "machine"]
+           "standalone", "machine", "synthetic_jpegs", "jpeg_shards", "use_package_path"]
 
 
 def side_by_side(contenders: Mapping[str, Callable[[], Any]], repeats: int = 3,
@@ -106,10 +106,97 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 def standalone(name: str, doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
                run: Callable[[argparse.Namespace], Mapping[str, Any] | None]) -> None:
-    """``python -m unibct_ray.bench.NAME``: the same arguments and output as ``unibct-ray bench NAME``."""
+    """``python -m unibct_ray.bench.NAME``: the same arguments, output and exit status as
+    ``unibct-ray bench NAME`` (a ``UserError``: one line, status 2; a result with ``ok: false``
+    is printed, then status 1)."""
+    from unibct_ray.errors import UserError
+
     p = argparse.ArgumentParser(prog=f"python -m unibct_ray.bench.{name}", description=(doc or "").split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(p)
     add_output_arguments(p)
     a = p.parse_args()
-    emit(name, run(a), a.json)
+    try:
+        result = run(a)
+    except UserError as e:
+        print(f"unibct-ray: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    emit(name, result, a.json)
+    sys.exit(exit_status(result))
+
+
+def exit_status(result: Mapping[str, Any] | None) -> int:
+    """1 when a bench's result says a check failed (``ok: false``), else 0."""
+    return 1 if isinstance(result, Mapping) and result.get("ok") is False else 0
+
+
+def use_package_path() -> None:
+    """Put the directory holding ``unibct_ray`` first on ``PYTHONPATH`` (absolute), before Ray
+    starts: Ray workers and actors inherit it and import this copy of the project, also when it
+    is not installed (``python -m unibct_ray.bench.NAME`` from a checkout, ``PYTHONPATH=.``, whose
+    relative entry would resolve against a worker's own working directory)."""
+    import unibct_ray
+
+    root = str(Path(unibct_ray.__file__).resolve().parents[1])
+    parts = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x and x != root]
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+
+
+def synthetic_jpegs(n: int, size: int, seed: int = 0, quality: int = 90) -> list[bytes]:
+    """``n`` distinct ``size``-px JPEGs that compress like face crops (a few KB at 112 px).
+
+    Smooth colour fields (an 8x8 random image upsampled bicubically) plus mild pixel noise:
+    uniform noise would make 30 KB files whose decode costs several times a real crop's.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        pix = np.asarray(low, np.int16) + rng.integers(-6, 7, (size, size, 3), dtype=np.int16)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def jpeg_shards(out: Path, rows: int, *, size: int = 112, distinct: int = 256, per_class: int = 50,
+                rows_per_shard: int = 5000, seed: int = 0) -> Path:
+    """A shard set of ``rows`` JPEG rows at ``out`` (kept and reused when it exists with the same
+    parameters): ``distinct`` images repeated in order (row ``i`` holds image ``i % distinct``),
+    label ``i // per_class``, index ``i + 1``, ``rows_per_shard`` rows per file.
+
+    Rendering is the slow part of synthetic data, and a forward pass costs the same on a repeated
+    image: a large set for a throughput measurement costs ``distinct`` encodes.
+    """
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+
+    from unibct_ray.data.shards import SHARD_SCHEMA, StagedDir, read_manifest, shard_name, write_manifest, write_shard
+
+    params = {"rows": rows, "size": size, "distinct": distinct, "per_class": per_class,
+              "rows_per_shard": rows_per_shard, "seed": seed}
+    if (out / "manifest.json").exists():
+        try:
+            if read_manifest(out).extra.get("synthetic") == params:
+                return out
+        except Exception:  # a foreign or broken set: rebuilt below
+            pass
+    jpegs = synthetic_jpegs(min(distinct, rows), size, seed)
+    with StagedDir(out, overwrite=True) as stage:
+        infos = []
+        for s in range(0, rows, rows_per_shard):
+            i = np.arange(s, min(s + rows_per_shard, rows))
+            table = pa.table({"image": [jpegs[k % len(jpegs)] for k in i], "label": i // per_class, "index": i + 1},
+                             schema=SHARD_SCHEMA)
+            infos.append(write_shard(stage.path / shard_name(len(infos)), table))
+        write_manifest(stage.path, infos, rows=rows, classes=(rows + per_class - 1) // per_class,
+                       columns=list(SHARD_SCHEMA.names), synthetic=json.loads(json.dumps(params)))
+        stage.commit()
+    return out

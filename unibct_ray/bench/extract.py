@@ -1,0 +1,210 @@
+"""``unibct-ray bench extract``: feature extraction on the Ray actor pool against a plain loop.
+
+Both contenders embed the same synthetic shard set with the same backbone and weights on the
+same cores:
+
+- **actor path**: :func:`unibct_ray.distributed.extract.extract_features`, as every
+  extraction of a run calls it (Parquet read tasks -> an actor pool decoding and embedding
+  batches, one torch thread per actor -> a feature shard set written and renamed into place);
+  Ray is started by the bench, ``--actors`` defaults to the number of cores.
+- **plain loop**: one process reads the same Parquet files with pyarrow, decodes with the same
+  ``decode_images`` and runs the backbone over batches of the same size with
+  ``torch.set_num_threads(cores)``.
+
+The rounds alternate (plain, actors, plain, actors, ...) so a shared machine slows both alike.
+Each contender is timed on two set sizes (``--images`` and ``--small-images``): the whole-call
+rate is what a user waits for, and the difference between the sizes gives the per-image
+(steady) rate and the fixed cost of a call (Ray Data planning, starting the actors, writing the
+output), which a real set of millions of images amortises. The features of the two contenders
+are compared by record index (max abs difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["plain_extract", "bench_extract", "add_arguments", "run"]
+
+#: One line for ``unibct-ray bench --help``.
+HELP = "feature extraction on the Ray actor pool vs a plain one-process loop"
+#: The subcommand's description.
+DESCRIPTION = __doc__
+
+
+def plain_extract(shards: Path, model, size: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One process: Parquet -> ``decode_images`` -> backbone in batches -> (index int64 [n],
+    features float32 [n, d]). Uses the caller's torch thread setting."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from unibct_ray.data.images import decode_images
+    from unibct_ray.data.shards import read_manifest
+
+    index, feats = [], []
+    for f in read_manifest(shards).files:
+        table = pq.read_table(f, columns=["image", "index"])
+        images, keys = table.column("image").to_pylist(), table.column("index").to_numpy()
+        for s in range(0, len(images), batch):
+            x = decode_images(images[s:s + batch], size, None, keys=keys[s:s + batch])
+            with torch.inference_mode():
+                feats.append(model(torch.from_numpy(x)).float().numpy())
+            index.append(keys[s:s + batch])
+    return np.concatenate(index), np.concatenate(feats)
+
+
+def _read_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A feature shard set -> (index int64 [n], features float32 [n, d]) in stored order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unibct_ray.data.shards import read_manifest
+    from unibct_ray.distributed.data import FEATURE_COLUMN, feature_matrix
+
+    table = pa.concat_tables([pq.read_table(f, columns=["index", FEATURE_COLUMN]) for f in read_manifest(path).files])
+    return table.column("index").to_numpy(), feature_matrix(table, FEATURE_COLUMN)
+
+
+def _by_index(index: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    return feats[np.argsort(index, kind="stable")]
+
+
+def bench_extract(out: Path, images: int, small_images: int, size: int, backbone: str, embedding_size: int,
+                  batch: int, actors: int, cores: int, rows_per_shard: int, distinct: int, rounds: int) -> dict:
+    """Time the actor path and the plain loop on ``images`` (and ``small_images``) rows; compare
+    their features. Returns the result dict printed by the bench."""
+    import torch
+
+    from unibct_ray.bench.common import jpeg_shards, machine, side_by_side, use_package_path
+    from unibct_ray.models.iresnet import build_backbone
+
+    sizes = [n for n in dict.fromkeys([images, small_images]) if n > 0]
+    sets = {n: jpeg_shards(out / f"shards-{n}", n, size=size, distinct=distinct, rows_per_shard=rows_per_shard)
+            for n in sizes}
+    torch.manual_seed(0)
+    spec = {"name": backbone, "embedding_size": embedding_size, "input_size": size}
+    model = build_backbone(**spec).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    use_package_path()
+    import ray
+
+    from unibct_ray.distributed.extract import extract_features
+    from unibct_ray.distributed.runtime import ensure_ray
+
+    # More logical CPUs than cores (ensure_ray's rule): the read and write tasks need a CPU of
+    # their own beside actors that hold one each. A process already connected keeps its Ray.
+    started = not ray.is_initialized()
+    ensure_ray(num_cpus=max(4, 2 * cores))
+    try:
+        results: dict[str, np.ndarray] = {}
+        threads = torch.get_num_threads()
+
+        def plain(n: int):
+            def go() -> None:
+                torch.set_num_threads(cores)
+                try:
+                    results[f"plain-{n}"] = _by_index(*plain_extract(sets[n], model, size, batch))
+                finally:
+                    torch.set_num_threads(threads)
+            return go
+
+        def actor_path(n: int):
+            def go() -> None:
+                dst = extract_features(sets[n], out / f"features-{n}", state_dict=state, model_spec=spec,
+                                       actors=actors, batch_size=batch, cpus_per_actor=1.0, task_cpus=1.0,
+                                       overwrite=True)
+                results[f"actors-{n}"] = _by_index(*_read_features(dst))
+            return go
+
+        contenders = {}
+        for n in sizes:
+            contenders[f"plain-{n}"] = plain(n)
+            contenders[f"actors-{n}"] = actor_path(n)
+        load_before = machine()
+        times = side_by_side(contenders, repeats=rounds)
+    finally:
+        if started:
+            ray.shutdown()
+
+    best = {k: min(v) for k, v in times.items()}
+    res: dict = {
+        "backbone": backbone, "size": size, "embedding_size": embedding_size, "batch": batch, "cores": cores,
+        "actors": actors, "rows_per_shard": rows_per_shard, "rounds": rounds,
+        "machine_before": load_before, "machine_after": machine(),
+        "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+    }
+    n = images
+    plain_ips, actor_ips = n / best[f"plain-{n}"], n / best[f"actors-{n}"]
+    res["images"] = n
+    res["plain_images_per_s"] = round(plain_ips, 2)
+    res["actors_images_per_s"] = round(actor_ips, 2)
+    res["ratio_actors_over_plain"] = round(actor_ips / plain_ips, 3)
+    if len(sizes) == 2:
+        m = small_images
+        steady = {}
+        for who in ("plain", "actors"):
+            per_image = (best[f"{who}-{n}"] - best[f"{who}-{m}"]) / (n - m)
+            steady[who] = {"images_per_s": round(1.0 / per_image, 2) if per_image > 0 else None,
+                           "fixed_s": round(best[f"{who}-{n}"] - n * per_image, 2)}
+        res["small_images"] = m
+        res["steady"] = steady
+        if steady["plain"]["images_per_s"] and steady["actors"]["images_per_s"]:
+            res["steady_ratio_actors_over_plain"] = round(
+                steady["actors"]["images_per_s"] / steady["plain"]["images_per_s"], 3)
+    diff = float(np.abs(results[f"actors-{n}"] - results[f"plain-{n}"]).max())
+    scale = float(np.abs(results[f"plain-{n}"]).max())
+    res["max_abs_diff"] = diff
+    res["max_abs_feature"] = round(scale, 4)
+    res["same_features"] = bool(diff <= 1e-4 * max(scale, 1.0))
+    res["goal"] = {"ratio_actors_over_plain": 0.9, "met": res["ratio_actors_over_plain"] >= 0.9}
+    res["ok"] = res["same_features"]
+    res["note"] = ("whole-call images/s at --images (best of the rounds); steady = per-image rate from the "
+                   "difference between the two sizes, fixed_s = the rest of a call (planning, actor start-up, "
+                   "writing); plain loop: torch.set_num_threads(cores), actors: one thread each")
+    return res
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("bench_out/extract"), help="working directory (shards are kept)")
+    p.add_argument("--images", type=int, default=640, help="rows of the measured shard set")
+    p.add_argument("--small-images", type=int, default=128,
+                   help="rows of a second, smaller set: the size difference separates the per-image rate from "
+                        "the fixed cost of a call (0: skip)")
+    p.add_argument("--size", type=int, default=112, help="image side in pixels")
+    p.add_argument("--backbone", default="r18")
+    p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=64, help="images per forward pass (both contenders)")
+    p.add_argument("--cores", type=int, default=None, help="cores to use (default: all of this machine's)")
+    p.add_argument("--actors", type=int, default=None, help="actor pool size (default: --cores)")
+    p.add_argument("--rows-per-shard", type=int, default=50_000,
+                   help="rows per Parquet file (data convert's default). Ray Data reads a file as one block and "
+                        "an actor takes a block whole: a set of fewer files than actors leaves actors idle")
+    p.add_argument("--distinct", type=int, default=256, help="distinct images, repeated to fill the set")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best of each is reported")
+
+
+def run(a: argparse.Namespace) -> dict:
+    from unibct_ray.errors import UserError
+
+    cores = a.cores or os.cpu_count() or 1
+    actors = a.actors or cores
+    if a.images < 1 or a.small_images < 0 or a.small_images >= a.images and a.small_images:
+        raise UserError(f"--images ({a.images}) must be >= 1 and larger than --small-images ({a.small_images})")
+    if a.rounds < 1 or a.batch < 1 or actors < 1 or a.rows_per_shard < 1:
+        raise UserError("--rounds, --batch, --actors and --rows-per-shard must be >= 1")
+    t = time.perf_counter()
+    res = bench_extract(a.out, a.images, a.small_images, a.size, a.backbone, a.embedding_size, a.batch, actors,
+                        cores, a.rows_per_shard, a.distinct, a.rounds)
+    res["wall_s"] = round(time.perf_counter() - t, 1)
+    return res
+
+
+if __name__ == "__main__":
+    from unibct_ray.bench.common import standalone
+
+    standalone("extract", __doc__, add_arguments, run)
