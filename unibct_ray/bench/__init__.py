@@ -44,7 +44,8 @@ def add_bench_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
     """Register ``bench`` and one subcommand per entry of :data:`BENCHES`."""
     from unibct_ray.bench.common import add_output_arguments
 
-    listing = "\n".join(f"  {name:<10} {text}" for name, (_, text) in BENCHES.items())
+    width = max(len(name) for name in BENCHES)
+    listing = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in BENCHES.items())
     bench = sub.add_parser("bench", help="speed and memory benchmarks (figures quoted in the README)",
                            formatter_class=formatter,
                            description="Speed and memory benchmarks, each measured side by side in one run.\n"
