@@ -88,7 +88,15 @@ def extract_features(
     src = read_manifest(shards)
     ctx = ray.data.DataContext.get_current()
     previous = ctx.execution_options.preserve_order
+    previous_block = ctx.target_max_block_size
     ctx.execution_options.preserve_order = True
+    # Ray Data hands an actor a block whole, and a Parquet file is read as one block: a set of
+    # fewer files than actors would leave actors idle (measured: all 640 rows of a one-file set
+    # went to one of two actors). Blocks of at most 1/4 of an actor's share of the bytes give
+    # every actor several; large sets keep Ray's default block size.
+    share = sum(s.bytes for s in src.shards) // max(1, 4 * actors)
+    if previous_block is not None:
+        ctx.target_max_block_size = int(min(previous_block, max(64 << 10, share)))
     try:
         ds = read_shard_set(shards, task_cpus=task_cpus).map_batches(
             Embedder,
@@ -122,6 +130,7 @@ def extract_features(
             stage.commit()
     finally:
         ctx.execution_options.preserve_order = previous
+        ctx.target_max_block_size = previous_block
     return Path(out)
 
 
