@@ -183,7 +183,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: --cores)")
     p.add_argument("--rows-per-shard", type=int, default=50_000,
                    help="rows per Parquet file (data convert's default). Ray Data reads a file as one block and "
-                        "an actor takes a block whole: a set of fewer files than actors leaves actors idle")
+                        "an actor takes a block whole; extract_features caps the block size so that a set "
+                        "of fewer files than actors still feeds every actor")
     p.add_argument("--distinct", type=int, default=256, help="distinct images, repeated to fill the set")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best of each is reported")
 
