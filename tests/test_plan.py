@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from unibct_ray.errors import ConfigError
 import torch
 
 from unibct_ray.config import from_dict, load_config, to_dict
@@ -106,9 +108,12 @@ def test_fractional_gpus_share_a_device_only_when_they_fit():
     assert plan.phases[-2].shortfall is not None and "3 extraction actors" in plan.phases[-2].shortfall
     # Between fits (train) the workers are gone: 3 actors x 0.25 share the free GPUs.
     assert plan_run(from_dict({**base, "extract_actors": 3}), two).ok
-    # At extract_gpus 0.5 a worker asks 1 - 0.5 = 0.5: two workers fit one device, as Ray places them.
-    half = plan_run(from_dict({**base, "extract_gpus": 0.5, "compat": {"method": "independent"}}), one_gpu)
-    assert half.ok and [p.devices for p in half.phases[0].placements if p.what == "train worker"] == [(0,)]
+    # At extract_gpus 0.5 a worker would ask 1 - 0.5 = 0.5 and two workers would share one device
+    # (as Ray places them): the config refuses it, so a worker's share is always above a half.
+    with pytest.raises(ConfigError, match="extract_gpus: must be a finite number in \\(0, 0.5\\)"):
+        from_dict({**base, "extract_gpus": 0.5})
+    almost = plan_run(from_dict({**base, "extract_gpus": 0.45, "compat": {"method": "independent"}}), one_gpu)
+    assert not almost.ok  # two 0.55 shares cannot share the one device
 
 
 def test_a_laptop_with_two_workers_of_two_cpus_is_refused():

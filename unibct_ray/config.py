@@ -172,7 +172,7 @@ class TrainConfig:
         need(self.global_batch % self.num_workers == 0, "global_batch",
              f"{self.global_batch} is not divisible by num_workers={self.num_workers}")
         number("cpus_per_worker", 0, 1024, lo_open=True)
-        number("extract_gpus", 0, 0.5, lo_open=True)
+        number("extract_gpus", 0, 0.5, lo_open=True, hi_open=True)  # > 0.5 per worker: one worker per GPU
         number("extract_cpus", 0, 1024, lo_open=True)
         count("extract_batch", 1, MAX_BATCH)
         number("decode_cpus", 0, 1024, lo_open=True)

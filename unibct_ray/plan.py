@@ -462,10 +462,10 @@ _SHORT = {"train worker": "workers", "decode task": "decode tasks", "extraction 
 
 def in_loop_extract_cpus(cfg: "TrainConfig", cluster_cpus: float, trials: int = 1) -> float:
     """CPUs of each extraction actor (and read task) of a refinement inside a running loop: what
-    the held workers leave, less one CPU, shared by the actors, at most 1, at least 0.2 (the
-    rule of ``unibct_ray.distributed.train._live_prototypes``)."""
+    the held workers leave, less one CPU, shared by the actors, at most ``extract_cpus``, at least
+    0.2 in all. ``unibct_ray.distributed.train._live_prototypes`` asks for exactly this."""
     free = cluster_cpus - trials * cfg.num_workers * cfg.cpus_per_worker
-    return min(1.0, max(free - 1.0, 0.2) / cfg.extract_actors)
+    return min(cfg.extract_cpus, max(free - 1.0, 0.2) / cfg.extract_actors)
 
 
 def decode_cpus_wanted(cfg: "TrainConfig") -> float:

@@ -163,9 +163,10 @@ def _live_prototypes(cfg: TrainConfig, run: dict, model: torch.nn.Module, epoch:
         # The training workers keep their CPUs while rank 0 waits here. The extraction actors
         # share what is left but one CPU, which Ray Data's file-listing task needs whole, and
         # the read/write tasks after it (on one 4-CPU node: 2 actors x 0.5 CPU + 1 CPU).
+        from unibct_ray.plan import in_loop_extract_cpus
+
         total = ray.cluster_resources()
-        free = total.get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker
-        cpus = min(cfg.extract_cpus, max(free - 1.0, 0.2) / cfg.extract_actors)
+        cpus = in_loop_extract_cpus(cfg, total.get("CPU", 0.0))  # the plan checked this very request
         if cfg.use_gpu:
             # Each worker leaves extract_gpus of its GPU; an actor pool or placement group asking
             # for more GPU shares than are left would wait for actors that never start.
