@@ -234,3 +234,71 @@ def test_gpu_worker_groups_select_and_tolerate_gpu_nodes():
                 if "nvidia.com/gpu" in pod["containers"][0]["resources"]["limits"]:
                     assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), f.name
                     assert pod.get("nodeSelector"), f.name
+
+
+def _ray_specs() -> list[tuple[str, dict]]:
+    """(file, RayClusterSpec) of every RayCluster and RayJob manifest."""
+    out = []
+    for f in MANIFESTS:
+        for d in docs(f):
+            if d.get("kind") == "RayCluster":
+                out.append((f.name, d["spec"]))
+            elif d.get("kind") == "RayJob":
+                out.append((f.name, d["spec"]["rayClusterSpec"]))
+    return out
+
+
+def test_every_kuberay_cluster_enables_ray_token_authentication():
+    specs = _ray_specs()
+    assert len(specs) >= 4
+    for name, spec in specs:
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{name}: Ray token authentication is off"
+
+
+def test_the_launcher_starts_every_node_with_token_authentication():
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    token_path = "/home/ubuntu/.ray/auth-token.txt"
+    assert token_path in cfg["file_mounts"], "the token file is not shipped to the nodes"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c and f"RAY_AUTH_TOKEN_PATH={token_path}" in c
+                             for c in start), key
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and Exists/In expressions)."""
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        if e["operator"] == "Exists" and e["key"] not in labels:
+            return False
+        if e["operator"] == "In" and labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def test_the_network_policy_fences_every_ray_pod_and_pins_outside_peers_to_a_namespace():
+    (policy,) = [d for d in docs(CLUSTER / "kuberay-networkpolicy.yaml") if d.get("kind") == "NetworkPolicy"]
+    spec = policy["spec"]
+    # The labels KubeRay puts on a head and a worker pod of cluster unibct-ray.
+    head = {"ray.io/cluster": "unibct-ray", "ray.io/node-type": "head", "ray.io/is-ray-node": "yes"}
+    worker = {"ray.io/cluster": "unibct-ray", "ray.io/node-type": "worker", "ray.io/is-ray-node": "yes",
+              "ray.io/group": "gpu"}
+    assert _matches(spec["podSelector"], head) and _matches(spec["podSelector"], worker), \
+        "the workers' dashboard agents (job API on the node IP) must be fenced too"
+    assert "Ingress" in spec["policyTypes"]
+    for rule in spec["ingress"]:
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "no address ranges: peers by identity only"
+            ns = peer.get("namespaceSelector")
+            if ns is not None:
+                # another namespace only by its immutable name, never 'any namespace' + a pod label
+                assert set((ns.get("matchLabels") or {})) == {"kubernetes.io/metadata.name"}, peer
+                assert "podSelector" in peer, peer
+    # a pod elsewhere that copies the operator's label is not admitted
+    impostor_ns = {"kubernetes.io/metadata.name": "attacker"}
+    for rule in spec["ingress"]:
+        for peer in rule["from"]:
+            if "namespaceSelector" in peer:
+                assert not _matches(peer["namespaceSelector"], impostor_ns)
