@@ -114,7 +114,12 @@ def _cmd_prototypes(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval
 def _cmd_eval(a: argparse.Namespace) -> int:
     from unibct_ray.distributed.evaluate import EvalArgs, run_eval
-    from unibct_ray.distributed.runtime import ensure_ray
+
+    def connect() -> None:
+        # Imported only when Ray is needed: feature files with one gallery shard never load ray.
+        from unibct_ray.distributed.runtime import ensure_ray
+
+        ensure_ray(a.address, num_cpus=a.num_cpus)
 
     args = EvalArgs(ijbc=a.ijbc, out=a.out, old_checkpoint=a.old_checkpoint, old_features=a.old_features,
                     new_checkpoint=a.new_checkpoint, new_features=a.new_features, criterion_far=a.criterion_far,
@@ -122,7 +127,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                     new_distractor_features=a.new_distractor_features, index=a.index,
                     shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite,
                     use_gpu=a.use_gpu, gpus_per_actor=a.gpus_per_actor, batch_size=a.batch_size)
-    r = run_eval(args, connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus))
+    r = run_eval(args, connect=connect)
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
     return 0
@@ -315,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NEW-model embeddings of the distractor faces (.npy), for the self_new galleries; "
                         "default with --new-checkpoint: render synthetic faces")
     p.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat", help="FAISS index for 1:N")
-    p.add_argument("--shards", type=int, default=2, help="gallery shards on Ray actors (1: in process)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="gallery shards on Ray actors (1: in process, no Ray); default: 1 unless a "
+                        "search's gallery rows x probes x dim exceeds 2e11 (about 20k gallery rows "
+                        "for IJB-C's 19,593 probes at 512-d), then 2")
     p.add_argument("--actors", type=int, default=2, help="feature-extraction actors")
     p.add_argument("--use-gpu", action="store_true",
                    help="embed (IJB-C images, distractors) on GPU actors under fp16 autocast and search the "

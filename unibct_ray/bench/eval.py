@@ -47,6 +47,7 @@ __all__ = [
     "public_identification",
     "run_ours",
     "run_public",
+    "write_ijbc_folder",
     "main",
 ]
 
@@ -186,6 +187,37 @@ def synthetic_ijbc(
             feats[k][lo:hi] = x
     t2 = time.perf_counter()
     return meta, feats["old"], feats["new"], {"meta_s": t1 - t0, "features_s": t2 - t1}
+
+
+def write_ijbc_folder(meta: IJBCMeta, root: Path, seed: int = 0) -> Path:
+    """Write ``meta`` as an IJB-C meta folder ``root/IJBC/meta`` (the insightface layout).
+
+    Image names become ``<row>.jpg`` (no image files: the CLI reads features, not images);
+    landmarks are random points; each 1:N CSV has one row per image of its templates, as
+    the real lists do. Returns the IJB-C root to pass as ``--ijbc``.
+    """
+    from unibct_ray.data.ijbc_writers import (
+        write_1n_csv, write_5pts_score, write_pair_label, write_tid_mid)
+    from unibct_ray.data import ijbc
+
+    meta_dir = root / "IJBC" / "meta"
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"{i}.jpg" for i in range(meta.n_images)]
+    rng = np.random.default_rng(seed)
+    landmarks = rng.uniform(20.0, 100.0, (meta.n_images, 5, 2)).astype(np.float32)
+    write_tid_mid(meta_dir / ijbc.TID_MID_FILE, names, meta.templates, meta.medias)
+    write_5pts_score(meta_dir / ijbc.NAME_5PTS_FILE, names, landmarks, meta.scores)
+    write_pair_label(meta_dir / ijbc.PAIR_LABEL_FILE, meta.pairs, meta.pair_labels)
+    order = np.argsort(meta.templates, kind="stable")
+    sorted_t = meta.templates[order]
+    for fname, ts in ((ijbc.GALLERY1_FILE, meta.gallery1), (ijbc.GALLERY2_FILE, meta.gallery2),
+                      (ijbc.PROBE_FILE, meta.probes)):
+        lo = np.searchsorted(sorted_t, ts.templates, side="left")
+        hi = np.searchsorted(sorted_t, ts.templates, side="right")
+        rows = np.concatenate([order[a:b] for a, b in zip(lo, hi)]) if len(ts) else np.zeros(0, np.int64)
+        subj = np.repeat(ts.subjects, hi - lo)
+        write_1n_csv(meta_dir / fname, meta.templates[rows], subj, [names[r] for r in rows])
+    return root
 
 
 # --------------------------------------------------------------------------- public algorithm
