@@ -49,7 +49,7 @@ __all__ = ["EvalArgs", "run_eval", "auto_shards", "load_feature_file", "checkpoi
 #: Search work (gallery rows x probes x dim, per 1:N search) above which ``auto_shards``
 #: spreads each gallery over two Ray actors. Below it, a Ray start and the shard actors cost
 #: more than the parallel search saves (``unibct-ray bench search``; see ``auto_shards``).
-SHARD_WORK_THRESHOLD = 2e11
+SHARD_WORK_THRESHOLD = 5e10
 
 
 @dataclass(frozen=True)
@@ -424,11 +424,14 @@ def auto_shards(gallery_rows: int, probes: int, dim: int) -> int:
     """Gallery shards for a 1:N search of ``probes`` queries over ``gallery_rows`` rows of ``dim``.
 
     2 (Ray actors) when the search work ``gallery_rows * probes * dim`` exceeds
-    :data:`SHARD_WORK_THRESHOLD`, else 1 (in process, no Ray). Two one-thread shards search
-    ~1.4x faster than one two-thread index on 2 cores, but starting Ray and the actors costs
-    ~5-8 s per run; the threshold is where the time saved over the evaluation's six searches
-    covers that (IJB-C: 19,593 probes x 512-d, so ~20k gallery rows, i.e. galleries with
-    distractors; the real galleries of ~1.8k templates stay in process).
+    :data:`SHARD_WORK_THRESHOLD`, else 1 (in process, no Ray). Measured on 2 cores with
+    ``unibct-ray bench search --gallery 20000 --queries 19593 --dim 512`` (work 2e11): one
+    two-thread index 26.4 s, two one-thread shard actors 20.3 s including their start, so
+    ~6 s saved per search, ~36 s over the evaluation's six searches, against ~5-8 s for
+    starting Ray. Time scales with the work, so the break-even is near 4e10; the threshold
+    sits a little above it. For IJB-C (19,593 probes x 512-d) that is ~5k gallery rows: the
+    real galleries (~1.8k templates) stay in process, galleries with thousands of
+    distractors go to Ray.
     """
     return 2 if float(gallery_rows) * probes * dim > SHARD_WORK_THRESHOLD else 1
 
@@ -439,7 +442,8 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
     ``connect`` (e.g. the CLI's ``ensure_ray``) is called after every input is checked, and only
     when Ray is needed (a checkpoint to embed, or more than one gallery shard). Without Ray
     nothing here imports ray or torch. The parsed IJB-C meta is cached in the cache directory
-    (``ijbc.read_ijbc_meta_cached``), written only once every input has passed its checks.
+    (``ijbc.read_ijbc_meta_cached``), written only once the evaluation has succeeded, so a
+    run stopped by a bad input leaves nothing behind.
     """
     from unibct_ray.metrics.distractors import DistractorKNN, RecallKNN
     from unibct_ray.metrics.evaluate import evaluate_features
@@ -490,8 +494,6 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
                                       f"model's {dims[side][1]} ({dims[side][0]})")
             del dist
 
-    if save_meta_cache is not None:
-        save_meta_cache()
     dim = next(iter(dims.values()))[1]
     gallery_rows = max(len(meta.gallery1), len(meta.gallery2)) + max(a.distractors, 0)
     shards = a.shards if a.shards is not None else auto_shards(gallery_rows, len(meta.probes), dim)
@@ -539,6 +541,10 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
     if recall is not None:
         report["knn_recall_at_k"] = {"k": "the 1:N search depth", "mean": float(np.mean(recall.recalls)) if recall.recalls else None,
                                      "per_search": [float(r) for r in recall.recalls]}
+    if save_meta_cache is not None:
+        # Only now: a run stopped by a bad input (a missing image is found during extraction)
+        # leaves nothing behind.
+        save_meta_cache()
     a.out.mkdir(parents=True, exist_ok=True)
     write_report(report, a.out, curves.roc, curves.cmc)
     return report
