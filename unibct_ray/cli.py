@@ -163,15 +163,20 @@ def _cmd_prototypes(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval
 def _cmd_eval(a: argparse.Namespace) -> int:
     from unibct_ray.distributed.evaluate import EvalArgs, run_eval
-    from unibct_ray.distributed.runtime import ensure_ray
+
+    def connect() -> None:
+        # Imported only when Ray is needed: feature files with one gallery shard never load ray.
+        from unibct_ray.distributed.runtime import ensure_ray
+
+        ensure_ray(a.address, num_cpus=a.num_cpus)
 
     args = EvalArgs(ijbc=a.ijbc, out=a.out, old_checkpoint=a.old_checkpoint, old_features=a.old_features,
                     new_checkpoint=a.new_checkpoint, new_features=a.new_features, criterion_far=a.criterion_far,
                     distractors=a.distractors, distractor_features=a.distractor_features,
                     new_distractor_features=a.new_distractor_features, index=a.index,
                     shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite,
-                    use_gpu=a.use_gpu, gpus_per_actor=a.gpus_per_actor, batch_size=a.batch_size)
-    r = run_eval(args, connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus))
+                    cache_dir=a.cache_dir, use_gpu=a.use_gpu, gpus_per_actor=a.gpus_per_actor, batch_size=a.batch_size)
+    r = run_eval(args, connect=connect)
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
     return 0
@@ -389,7 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NEW-model embeddings of the distractor faces (.npy), for the self_new galleries; "
                         "default with --new-checkpoint: render synthetic faces")
     p.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat", help="FAISS index for 1:N")
-    p.add_argument("--shards", type=int, default=2, help="gallery shards on Ray actors (1: in process)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="gallery shards on Ray actors (1: in process, no Ray); default: 1 unless a "
+                        "search's gallery rows x probes x dim exceeds 5e10 (about 5k gallery rows "
+                        "for IJB-C's 19,593 probes at 512-d), then 2")
     p.add_argument("--actors", type=int, default=2, help="feature-extraction actors")
     p.add_argument("--use-gpu", action="store_true",
                    help="embed (IJB-C images, distractors) on GPU actors under fp16 autocast and search the "
@@ -401,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward pass of an extraction actor (default 64 for CPU actors; "
                         "256-512 suits a GPU share)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="cache of checkpoint features and of the parsed IJB-C meta (default OUT/cache); "
+                        "share one between runs on the same IJB-C folder")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
 

@@ -17,8 +17,16 @@ Sides, each in its own subprocess so that its peak RSS (``ru_maxrss``) is its ow
   straightforward 1:N (float64 similarity, full argsort, a Python loop over probes), run
   once per test (self_old, self_new, cross), pooling the features each run needs.
 
+- **cli**: what a user runs, end to end: the generated data written as an IJB-C meta folder
+  (``write_ijbc_folder``) and two float32 ``.npy`` feature files, then ``unibct-ray eval
+  --ijbc ROOT --old-features F --new-features G --out O --bootstrap 0`` in a subprocess,
+  timed by wall clock from process start to exit (interpreter start, imports, meta parsing,
+  feature loading and checks, the report and its plots). Run twice: ``cold`` (no meta cache
+  yet) and ``warm`` (a second evaluation of the same folder, its parsed meta cached). Peak
+  memory is the CLI process's own ``ru_maxrss`` (``os.wait4``).
+
 Both sides get identical data (same seed). Data generation is excluded from the timings
-but included in the peak RSS (it is the features' own memory).
+but included in the peak RSS of ours/public (it is the features' own memory).
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ __all__ = [
     "public_identification",
     "run_ours",
     "run_public",
+    "run_cli",
+    "write_ijbc_folder",
     "main",
 ]
 
@@ -186,6 +196,37 @@ def synthetic_ijbc(
             feats[k][lo:hi] = x
     t2 = time.perf_counter()
     return meta, feats["old"], feats["new"], {"meta_s": t1 - t0, "features_s": t2 - t1}
+
+
+def write_ijbc_folder(meta: IJBCMeta, root: Path, seed: int = 0) -> Path:
+    """Write ``meta`` as an IJB-C meta folder ``root/IJBC/meta`` (the insightface layout).
+
+    Image names become ``<row>.jpg`` (no image files: the CLI reads features, not images);
+    landmarks are random points; each 1:N CSV has one row per image of its templates, as
+    the real lists do. Returns the IJB-C root to pass as ``--ijbc``.
+    """
+    from unibct_ray.data.ijbc_writers import (
+        write_1n_csv, write_5pts_score, write_pair_label, write_tid_mid)
+    from unibct_ray.data import ijbc
+
+    meta_dir = root / "IJBC" / "meta"
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"{i}.jpg" for i in range(meta.n_images)]
+    rng = np.random.default_rng(seed)
+    landmarks = rng.uniform(20.0, 100.0, (meta.n_images, 5, 2)).astype(np.float32)
+    write_tid_mid(meta_dir / ijbc.TID_MID_FILE, names, meta.templates, meta.medias)
+    write_5pts_score(meta_dir / ijbc.NAME_5PTS_FILE, names, landmarks, meta.scores)
+    write_pair_label(meta_dir / ijbc.PAIR_LABEL_FILE, meta.pairs, meta.pair_labels)
+    order = np.argsort(meta.templates, kind="stable")
+    sorted_t = meta.templates[order]
+    for fname, ts in ((ijbc.GALLERY1_FILE, meta.gallery1), (ijbc.GALLERY2_FILE, meta.gallery2),
+                      (ijbc.PROBE_FILE, meta.probes)):
+        lo = np.searchsorted(sorted_t, ts.templates, side="left")
+        hi = np.searchsorted(sorted_t, ts.templates, side="right")
+        rows = np.concatenate([order[a:b] for a, b in zip(lo, hi)]) if len(ts) else np.zeros(0, np.int64)
+        subj = np.repeat(ts.subjects, hi - lo)
+        write_1n_csv(meta_dir / fname, meta.templates[rows], subj, [names[r] for r in rows])
+    return root
 
 
 # --------------------------------------------------------------------------- public algorithm
@@ -467,6 +508,51 @@ def run_public(scale: float, seed: int, fraction: float) -> dict[str, Any]:
     }
 
 
+def run_cli(scale: float, seed: int) -> dict[str, Any]:
+    """Time ``unibct-ray eval`` on files written here: cold (meta parsed) and warm (meta cached)."""
+    meta, old, new, _ = synthetic_ijbc(scale, seed)
+    with tempfile.TemporaryDirectory(prefix="unibct-bench-eval-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        write_ijbc_folder(meta, root, seed)
+        np.save(root / "old.npy", old)
+        np.save(root / "new.npy", new)
+        write_s = time.perf_counter() - t0
+        sizes = {p.name: p.stat().st_size for p in (root / "IJBC" / "meta").iterdir()}
+        del meta, old, new  # the CLI reads the files; this process's copy would only crowd it
+        cache = root / "cache"
+        runs: dict[str, Any] = {}
+        for name in ("cold", "warm"):
+            cmd = [sys.executable, "-m", "unibct_ray.cli", "eval", "--ijbc", str(root),
+                   "--old-features", str(root / "old.npy"), "--new-features", str(root / "new.npy"),
+                   "--out", str(root / f"out-{name}"), "--cache-dir", str(cache), "--bootstrap", "0"]
+            load = os.getloadavg()[0]
+            with open(root / f"stderr-{name}.txt", "w+b") as err:
+                t = time.perf_counter()
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ.copy())
+                # wait4: this child's own peak RSS (RUSAGE_CHILDREN would mix in earlier runs).
+                _, status, usage = os.wait4(proc.pid, 0)
+                wall = time.perf_counter() - t
+                proc.returncode = code = os.waitstatus_to_exitcode(status)
+                if code != 0:
+                    err.seek(0)
+                    tail = err.read().decode(errors="replace")[-4000:]
+                    raise RuntimeError(f"unibct-ray eval ({name}) failed with {code}:\n{tail}")
+            report = json.loads((root / f"out-{name}" / "report.json").read_text())
+            runs[name] = {
+                "seconds": round(wall, 3),
+                "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+                "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+                "loadavg_1m_start": round(load, 2),
+                "verification": report["verification"],
+                "identification": report["identification"],
+                "shards": report.get("protocol", {}).get("shards"),
+            }
+        return {"command": "unibct-ray eval --ijbc ROOT --old-features F --new-features G --out O "
+                           "--cache-dir C --bootstrap 0",
+                "meta_file_bytes": sizes, "write_files_seconds": round(write_s, 2), **runs}
+
+
 def _max_diff(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> float:
     diffs = [abs(a[t][k] - b[t][k]) for t in a for k in a[t]
              if a[t][k] is not None and b[t].get(k) is not None]
@@ -482,7 +568,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap-n", type=int, default=0,
                     help="also time a subject bootstrap of N replicates on our side")
     p.add_argument("--no-public", action="store_true", help="time our side only")
-    p.add_argument("--side", choices=("ours", "public"), help=argparse.SUPPRESS)
+    p.add_argument("--no-cli", action="store_true",
+                   help="skip the end-to-end `unibct-ray eval` runs (they write ~2 GB of files at full scale)")
+    p.add_argument("--side", choices=("ours", "public", "cli"), help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -494,6 +582,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     if args.side == "public":
         print(json.dumps(run_public(scale, args.seed, args.public_fraction)))
+        return None
+    if args.side == "cli":
+        print(json.dumps(run_cli(scale, args.seed)))
         return None
 
     def side(name: str) -> dict[str, Any]:
@@ -510,10 +601,23 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     ours = side("ours")
     result: dict[str, Any] = {"scale": args.scale, "cpu_count": os.cpu_count(),
                               "loadavg_1m_start": round(load0, 2), "ours": ours}
+    cli = None if args.no_cli else side("cli")
+    if cli is not None:
+        result["cli"] = cli
+        result["agreement_cli_vs_in_process"] = {
+            run: max(_max_diff(ours["verification"], cli[run]["verification"]),
+                     _max_diff(ours["identification"], cli[run]["identification"]))
+            for run in ("cold", "warm")}
+        for run in ("cold", "warm"):  # compared above; the in-process side prints the values
+            del cli[run]["verification"], cli[run]["identification"]
     if not args.no_public:
         pub = side("public")
         result["public"] = pub
         result["speedup"] = round(pub["seconds"] / ours["seconds"], 1)
+        if cli is not None:
+            # What a user gets from the command line, against the same public run.
+            result["speedup_cli_cold"] = round(pub["seconds"] / cli["cold"]["seconds"], 1)
+            result["speedup_cli_warm"] = round(pub["seconds"] / cli["warm"]["seconds"], 1)
         if pub["extrapolated_seconds"] == 0:
             result["speedup_cpu_time"] = round(pub["cpu_seconds_measured"] / ours["cpu_seconds"], 1)
         pub_v = {t: r["verification"] for t, r in pub["results"].items()}

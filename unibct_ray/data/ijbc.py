@@ -12,9 +12,17 @@ itself)::
     IJBC/loose_crop/<img_name>
 
 The text files are whitespace separated without a header. The pair file of the real
-benchmark has 15.7M lines (~300 MB), so purely numeric files are parsed with a chunked,
-vectorised numpy parser (``np.fromstring`` plus a byte-level field count per line) instead
-of ``np.loadtxt`` or a Python loop; the slow per-line path only runs to locate an error.
+benchmark has 15.7M lines (~300 MB). Each file is first read by pyarrow's columnar CSV
+reader (one space between fields, explicit column types, multithreaded), which takes the
+regular files real folders hold at close to disk speed. Anything it refuses (tabs, runs of
+spaces, blank lines, a bad field) goes to the strict parser below: a chunked, vectorised
+numpy parser (``np.fromstring`` plus a byte-level field count per line), which either reads
+the file the same way or locates the error with its file and line.
+
+``read_ijbc_meta(..., cache_dir=D)`` also keeps the parsed, validated meta in ``D`` as an
+uncompressed ``.npz`` (plain arrays, loaded with ``allow_pickle=False``), keyed by each meta
+file's size, mtime and a hash of its first MB, so evaluating the same folder again does not
+parse 15.7M lines again. A cache file that does not load or does not fit is rebuilt.
 
 Every format problem raises :class:`~unibct_ray.errors.DataFormatError` whose message names
 the file, the 1-based line number where there is one, and what is wrong. Blank lines are
@@ -24,10 +32,14 @@ only tolerated at the end of a text file, so row ``i`` is always line ``i + 1``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
+import re
+import uuid
 import warnings
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +60,7 @@ __all__ = [
     "meta_dir",
     "image_dir",
     "read_ijbc_meta",
+    "read_ijbc_meta_cached",
     "read_tid_mid",
     "read_5pts_score",
     "read_pair_label",
@@ -358,6 +371,84 @@ def _parse_numeric_table(
     return out[:row]
 
 
+# --------------------------------------------------------------------------- fast path
+
+
+def _arrow_read(
+    path: Path,
+    types: dict[str, object],
+    *,
+    delimiter: str = " ",
+    skip_rows: int = 0,
+    include: list[str] | None = None,
+    autogenerate: bool = False,
+) -> object | None:
+    """Read a delimited file with pyarrow's CSV reader -> ``pyarrow.Table``, or None.
+
+    None (never an exception) whenever the reader refuses the file or a value is missing:
+    the caller then runs the strict parser, which gives the same result or names the error.
+    Quotes, escapes and null markers are off, and blank lines are refused, so a value is
+    exactly the bytes between two delimiters and row ``i`` is the ``i``-th line after
+    ``skip_rows``.
+    """
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+    except ImportError:  # pyarrow is a dependency, but the strict parser needs nothing
+        return None
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(
+                column_names=None if autogenerate else list(types),
+                autogenerate_column_names=autogenerate,
+                skip_rows=skip_rows,
+                block_size=1 << 24,
+                use_threads=True,
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter, quote_char=False, double_quote=False, escape_char=False,
+                newlines_in_values=False, ignore_empty_lines=False,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types=types, include_columns=include, null_values=[],
+                strings_can_be_null=False, quoted_strings_can_be_null=False, check_utf8=True,
+            ),
+        )
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+    if table.num_rows == 0 or any(c.null_count for c in table.columns):
+        return None
+    return table
+
+
+# Characters that separate fields for ``str.split()`` within the ASCII range, apart from the
+# newline that joins names below: a name holding one would be split by the strict parser.
+_ASCII_SPACE = re.compile(r"[\x00-\x09\x0b-\x20]")
+
+
+def _fast_named_table(
+    path: Path, n_numeric: int, dtype: type[np.generic]
+) -> tuple[list[str], np.ndarray] | None:
+    """Fast :func:`_parse_named_table` over ``path``; None when the strict parser must decide."""
+    import pyarrow as pa
+
+    cols = ["name"] + [f"v{j}" for j in range(n_numeric)]
+    vtype = pa.int64() if np.issubdtype(dtype, np.integer) else pa.float64()
+    table = _arrow_read(path, {c: (pa.string() if c == "name" else vtype) for c in cols})
+    if table is None:
+        return None
+    names = table.column("name").to_pylist()
+    joined = "\n".join(names)
+    # The strict parser splits on any whitespace, Unicode included: such names go to it.
+    if not joined.isascii() or _ASCII_SPACE.search(joined) or "" in names:
+        return None
+    vals = np.empty((table.num_rows, n_numeric), dtype=dtype)
+    for j in range(n_numeric):
+        vals[:, j] = table.column(f"v{j}").to_numpy()
+    return names, vals
+
+
 def _parse_named_table(
     data: bytes, n_numeric: int, dtype: type[np.generic], path: Path, layout: str
 ) -> tuple[list[str], np.ndarray]:
@@ -405,7 +496,8 @@ def read_tid_mid(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, n
         (names [n], templates int64 [n], medias int64 [n]).
     """
     p = Path(path)
-    names, vals = _parse_named_table(
+    fast = _fast_named_table(p, 2, np.int64) if p.is_file() else None
+    names, vals = fast or _parse_named_table(
         _read_bytes(p), 2, np.int64, p, "img_name template_id media_id"
     )
     return names, np.ascontiguousarray(vals[:, 0]), np.ascontiguousarray(vals[:, 1])
@@ -422,7 +514,8 @@ def read_5pts_score(path: str | os.PathLike[str]) -> tuple[list[str], np.ndarray
     """
     p = Path(path)
     layout = "img_name x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 score"
-    names, vals64 = _parse_named_table(_read_bytes(p), 11, np.float64, p, layout)
+    fast = _fast_named_table(p, 11, np.float64) if p.is_file() else None
+    names, vals64 = fast or _parse_named_table(_read_bytes(p), 11, np.float64, p, layout)
     vals = vals64.astype(np.float32)
     # Checked after the cast: a finite float64 beyond float32 range becomes inf too.
     finite = np.isfinite(vals)
@@ -442,7 +535,28 @@ def read_pair_label(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarra
     Returns:
         (pairs int64 [n, 2], labels int8 [n]) with labels in {0, 1}.
     """
+    import pyarrow as pa
+
     p = Path(path)
+    # A label outside int8 makes the fast reader refuse the file: the strict one names it.
+    table = _arrow_read(p, {"t1": pa.int64(), "t2": pa.int64(), "label": pa.int8()}) if p.is_file() else None
+    if table is not None:
+        pairs = np.empty((table.num_rows, 2), dtype=np.int64)
+        labels8 = np.empty(table.num_rows, dtype=np.int8)
+        for j, c in enumerate(("t1", "t2", "label")):
+            dst = labels8 if j == 2 else pairs[:, j]
+            lo = 0
+            for chunk in table.column(c).chunks:  # chunk by chunk: no concatenated copy
+                dst[lo : lo + len(chunk)] = chunk.to_numpy(zero_copy_only=True)
+                lo += len(chunk)
+        del table
+        bad = np.flatnonzero(labels8.view(np.uint8) > 1)  # negative labels wrap to >= 128
+        if bad.size:
+            i = int(bad[0])
+            raise DataFormatError(
+                f"{p}, line {i + 1}: label {int(labels8[i])} is not 0 (impostor) or 1 (genuine)"
+            )
+        return pairs, labels8
     data = _read_bytes(p)
     vals = _parse_numeric_table(data, 3, np.int64, p, "t1 t2 label")
     del data  # ~300 MB on the real file; free it before the copies below
@@ -466,7 +580,47 @@ class _CsvRows:
     filenames: list[str]
 
 
+def _fast_1n_rows(path: Path) -> _CsvRows | None:
+    """:func:`_read_1n_rows` through pyarrow for a plain file; None when the strict reader must decide."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        head = first.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    if '"' in head or not head.strip():
+        return None  # quoted headers (or none): the csv module reads them
+    header = next(csv.reader([head.rstrip("\r\n")]))
+    names = [h.strip().upper() for h in header]
+    if any(c not in names for c in _CSV_REQUIRED):
+        return None
+    it, isub, ifn = (names.index(c) for c in _CSV_REQUIRED)
+    cols = {f"f{it}": pa.int64(), f"f{isub}": pa.int64(), f"f{ifn}": pa.string()}
+    table = _arrow_read(path, cols, delimiter=",", skip_rows=1, include=list(cols), autogenerate=True)
+    if table is None:
+        return None
+    n = table.num_rows
+    # Every data row has exactly the header's fields: anything else goes to the strict reader.
+    with open(path, "rb") as f:
+        n_lines = sum(1 for line in f if line.strip()) - 1
+    if n_lines != n:
+        return None
+    fn = table.column(f"f{ifn}")
+    return _CsvRows(
+        table.column(f"f{it}").to_numpy().astype(np.int64, copy=False),
+        table.column(f"f{isub}").to_numpy().astype(np.int64, copy=False),
+        np.arange(2, n + 2, dtype=np.int64),
+        pc.utf8_trim_whitespace(fn).to_pylist(),
+    )
+
+
 def _read_1n_rows(path: Path) -> _CsvRows:
+    fast = _fast_1n_rows(path) if path.is_file() else None
+    if fast is not None:
+        return fast
     data = _read_bytes(path)
     try:
         text = data.decode("utf-8-sig")  # tolerate a BOM from spreadsheet exports
@@ -605,18 +759,165 @@ def check_image_names(names: list[str], path: Path) -> None:
                                   "(names must be relative paths under loose_crop/, without '..')")
 
 
-def read_ijbc_meta(root: str | os.PathLike[str], *, with_1n: bool = True) -> IJBCMeta:
+def read_ijbc_meta(
+    root: str | os.PathLike[str],
+    *,
+    with_1n: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> IJBCMeta:
     """Read and cross-validate all IJB-C meta files under ``root`` (either root form).
+
+    With ``cache_dir``, the parsed meta is kept there (see the module docstring) and reused
+    while no meta file changes; the cache never changes a result or an error: a folder is
+    cached only after it passed every check, and image names are checked again on a hit.
+    A cache directory that cannot be written is skipped silently (the result is the same).
+    """
+    if cache_dir is None:
+        return _parse_ijbc_meta(resolve_ijbc_dir(root), with_1n)
+    meta, save = read_ijbc_meta_cached(root, cache_dir, with_1n=with_1n)
+    if save is not None:
+        save()
+    return meta
+
+
+def read_ijbc_meta_cached(
+    root: str | os.PathLike[str], cache_dir: str | os.PathLike[str], *, with_1n: bool = True
+) -> tuple[IJBCMeta, Callable[[], None] | None]:
+    """:func:`read_ijbc_meta` through the cache in ``cache_dir``, saving left to the caller.
+
+    Returns ``(meta, save)``: ``save`` is None on a cache hit; otherwise calling it writes the
+    cache file (atomically; an unwritable directory is skipped), so a command can check its
+    other inputs first and leave nothing behind when one is bad. The key is taken before the
+    files are parsed: a file changed meanwhile gives a key the next run does not match.
+    """
+    ijbc = resolve_ijbc_dir(root)
+    files = [TID_MID_FILE, NAME_5PTS_FILE, PAIR_LABEL_FILE]
+    if with_1n:
+        files += [GALLERY1_FILE, GALLERY2_FILE, PROBE_FILE]
+    key = _meta_key(ijbc / "meta", files)
+    if key is None:  # a file is missing: the parser names it
+        return _parse_ijbc_meta(ijbc, with_1n), None
+    path = Path(cache_dir) / f"ijbc-meta-{key}.npz"
+    cached = _load_meta_cache(path, ijbc, with_1n)
+    if cached is not None:
+        check_image_names(cached.image_names, ijbc / "meta" / TID_MID_FILE)
+        return cached, None
+    meta = _parse_ijbc_meta(ijbc, with_1n)
+
+    def save() -> None:
+        try:
+            _save_meta_cache(path, meta)
+        except OSError:
+            pass  # read-only or full cache directory: only the next run pays the parse again
+
+    return meta, save
+
+
+_HEAD_BYTES = 1 << 20
+#: Format version of the cache file; part of its key, so a new layout never reads an old file.
+_CACHE_VERSION = 1
+
+
+def _meta_key(meta: Path, files: list[str]) -> str | None:
+    """Hash of the meta folder's path and each file's size, mtime and first MB (None: a file is missing)."""
+    h = hashlib.sha256(f"ijbc-meta v{_CACHE_VERSION}\n{meta.resolve()}\n".encode())
+    for name in files:
+        p = meta / name
+        try:
+            st = p.stat()
+            with open(p, "rb") as f:
+                head = f.read(_HEAD_BYTES)
+        except OSError:
+            return None
+        h.update(f"{name} {st.st_size} {st.st_mtime_ns}\n".encode())
+        h.update(hashlib.sha256(head).digest())
+    return h.hexdigest()[:24]
+
+
+_CACHE_ARRAYS = (
+    "names", "templates", "medias", "landmarks", "scores", "pairs", "pair_labels",
+    "g1_templates", "g1_subjects", "g2_templates", "g2_subjects", "p_templates", "p_subjects",
+)
+
+
+def _save_meta_cache(path: Path, meta: IJBCMeta) -> None:
+    """Write ``meta`` as an uncompressed npz (temp file + rename; names as one UTF-8 blob)."""
+    pairs = meta.pairs
+    if pairs.size and -(1 << 31) <= pairs.min() and pairs.max() < (1 << 31):
+        pairs = pairs.astype(np.int32)  # halves the largest array; widened again on load
+    arrays = {
+        "names": np.frombuffer("\n".join(meta.image_names).encode("utf-8"), dtype=np.uint8),
+        "templates": meta.templates, "medias": meta.medias, "landmarks": meta.landmarks,
+        "scores": meta.scores, "pairs": pairs, "pair_labels": meta.pair_labels,
+        "g1_templates": meta.gallery1.templates, "g1_subjects": meta.gallery1.subjects,
+        "g2_templates": meta.gallery2.templates, "g2_subjects": meta.gallery2.subjects,
+        "p_templates": meta.probes.templates, "p_subjects": meta.probes.subjects,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_meta_cache(path: Path, ijbc: Path, with_1n: bool) -> IJBCMeta | None:
+    """The cached meta, or None when there is none or it does not load whole and consistent.
+
+    A damaged file is caught by the zip members' CRC-32 (checked as each array is read) and
+    by the shape/dtype checks below; it is then rebuilt, never trusted.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if sorted(z.files) != sorted(_CACHE_ARRAYS):
+                return None
+            a = {k: z[k] for k in _CACHE_ARRAYS}
+        names = a["names"].tobytes().decode("utf-8").split("\n") if a["names"].size else []
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+    n = len(names)
+    ints = [k for k in _CACHE_ARRAYS if k not in ("names", "landmarks", "scores", "pair_labels")]
+    if not (
+        all(a[k].ndim == 1 and a[k].dtype.kind == "i" for k in ints if k != "pairs")
+        and a["pairs"].ndim == 2 and a["pairs"].shape[1] == 2 and a["pairs"].dtype.kind == "i"
+        and a["templates"].shape == a["medias"].shape == a["scores"].shape == (n,)
+        and a["landmarks"].shape == (n, 5, 2) and a["landmarks"].dtype == np.float32
+        and a["scores"].dtype == np.float32 and a["pair_labels"].dtype == np.int8
+        and a["pair_labels"].shape == (a["pairs"].shape[0],)
+        and all(a[f"{g}_templates"].shape == a[f"{g}_subjects"].shape for g in ("g1", "g2", "p"))
+        and (with_1n or a["g1_templates"].size + a["g2_templates"].size + a["p_templates"].size == 0)
+    ):
+        return None
+
+    def ts(g: str) -> TemplateSubjects:
+        return TemplateSubjects(a[f"{g}_templates"].astype(np.int64, copy=False),
+                                a[f"{g}_subjects"].astype(np.int64, copy=False))
+
+    return IJBCMeta(
+        root=ijbc, image_names=names,
+        templates=a["templates"].astype(np.int64, copy=False),
+        medias=a["medias"].astype(np.int64, copy=False),
+        landmarks=a["landmarks"], scores=a["scores"],
+        pairs=a["pairs"].astype(np.int64, copy=False), pair_labels=a["pair_labels"],
+        gallery1=ts("g1"), gallery2=ts("g2"), probes=ts("p"),
+    )
+
+
+def _parse_ijbc_meta(ijbc: Path, with_1n: bool) -> IJBCMeta:
+    """Read and cross-validate all IJB-C meta files of the ``IJBC`` directory ``ijbc``.
 
     Checks beyond the per-file ones: tid_mid and 5pts list the same images in the same
     order; every pair template and every 1:N template occurs in tid_mid; the two galleries
     share no template.
 
     Args:
-        root: directory containing ``IJBC/`` or the ``IJBC`` directory.
+        ijbc: the ``IJBC`` directory (holding ``meta/``).
         with_1n: also read the three 1:N CSVs (otherwise they are empty).
     """
-    ijbc = resolve_ijbc_dir(root)
     meta = ijbc / "meta"
     tid_path = meta / TID_MID_FILE
     pts_path = meta / NAME_5PTS_FILE

@@ -36,15 +36,20 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import ray
 
 from unibct_ray.data import ijbc
-from unibct_ray.data.images import to_tensor_layout
-from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import DataFormatError, UserError, npy_error
 
-__all__ = ["EvalArgs", "run_eval", "load_feature_file", "checkpoint_features", "checkpoints_features"]
+# ray, pyarrow and torch are imported where they are used: an evaluation of feature files
+# whose gallery fits one process runs without them (no Ray start, no torch import).
+
+__all__ = ["EvalArgs", "run_eval", "auto_shards", "load_feature_file", "checkpoint_features",
+           "checkpoints_features"]
+
+#: Search work (gallery rows x probes x dim, per 1:N search) above which ``auto_shards``
+#: spreads each gallery over two Ray actors. Below it, a Ray start and the shard actors cost
+#: more than the parallel search saves (``unibct-ray bench search``; see ``auto_shards``).
+SHARD_WORK_THRESHOLD = 5e10
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class EvalArgs:
     distractor_features: Path | None = None  # the OLD model's distractor embeddings
     new_distractor_features: Path | None = None  # the NEW model's distractor embeddings
     index: str = "flat"
-    shards: int = 2
+    shards: int | None = None  # gallery shards on Ray actors; None: ``auto_shards``
     bootstrap: int = 0
     seed: int = 0
     actors: int = 2
@@ -122,6 +127,7 @@ class _AlignEmbed:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
+        from unibct_ray.data.images import to_tensor_layout
         from unibct_ray.data.landmarks import align_face
 
         images, errors = [], []
@@ -216,6 +222,8 @@ def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, 
 def _pool_args(actors: int, gpus_per_actor: float) -> dict:
     """``map_batches`` arguments of an embedding actor pool: one CPU each, and a GPU share
     when ``gpus_per_actor`` > 0 (the actor then embeds on that GPU)."""
+    import ray
+
     out = {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": 1}
     if gpus_per_actor > 0:
         out["num_gpus"] = gpus_per_actor
@@ -233,7 +241,11 @@ def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir
     autocast; features equal the CPU ones to fp16 precision, cosine > 0.999).
     ``batch_size``: images per forward pass.
     """
+    import pyarrow as pa
+    import ray
+
     from unibct_ray.checkpoint import load_checkpoint
+    from unibct_ray.data.shards import atomic_write_text
 
     for c in checkpoints:
         load_checkpoint(c)  # refuse hostile/foreign files before any actor starts
@@ -358,6 +370,7 @@ class _RenderEmbed:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from unibct_ray.data.faces import render_aligned, sample_identity
+        from unibct_ray.data.images import to_tensor_layout
 
         out = {"id": batch["id"]}
         crops: dict[int, object] = {}
@@ -379,6 +392,8 @@ def _render_distractors(checkpoints: list[Path], n: int, seed: int, cache_dir: P
     Cached per checkpoint (content hash), seed and count; the checkpoints without a cache
     file are embedded together in one pass over one rendering.
     """
+    import ray
+
     caches = [cache_dir / f"distractors-{_file_hash(Path(c))}-{seed}-{n}.npy" for c in checkpoints]
     result: list[np.ndarray | None] = [np.load(c, allow_pickle=False) if c.exists() else None for c in caches]
     todo = list(dict.fromkeys(str(checkpoints[k]) for k, r in enumerate(result) if r is None))
@@ -405,13 +420,31 @@ def _render_distractors(checkpoints: list[Path], n: int, seed: int, cache_dir: P
     return result
 
 
+def auto_shards(gallery_rows: int, probes: int, dim: int) -> int:
+    """Gallery shards for a 1:N search of ``probes`` queries over ``gallery_rows`` rows of ``dim``.
+
+    2 (Ray actors) when the search work ``gallery_rows * probes * dim`` exceeds
+    :data:`SHARD_WORK_THRESHOLD`, else 1 (in process, no Ray). Measured on 2 cores with
+    ``unibct-ray bench search --gallery 20000 --queries 19593 --dim 512`` (work 2e11): one
+    two-thread index 26.4 s, two one-thread shard actors 20.3 s including their start, so
+    ~6 s saved per search, ~36 s over the evaluation's six searches, against ~5-8 s for
+    starting Ray. Time scales with the work, so the break-even is near 4e10; the threshold
+    sits a little above it. For IJB-C (19,593 probes x 512-d) that is ~5k gallery rows: the
+    real galleries (~1.8k templates) stay in process, galleries with thousands of
+    distractors go to Ray.
+    """
+    return 2 if float(gallery_rows) * probes * dim > SHARD_WORK_THRESHOLD else 1
+
+
 def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
     """Evaluate and write ``OUT/report.json``, ``report.md``, ``roc.png``, ``cmc.png``.
 
     ``connect`` (e.g. the CLI's ``ensure_ray``) is called after every input is checked, and only
-    when Ray is needed (a checkpoint to embed, or ``shards > 1``).
+    when Ray is needed (a checkpoint to embed, or more than one gallery shard). Without Ray
+    nothing here imports ray or torch. The parsed IJB-C meta is cached in the cache directory
+    (``ijbc.read_ijbc_meta_cached``), written only once the evaluation has succeeded, so a
+    run stopped by a bad input leaves nothing behind.
     """
-    from unibct_ray.distributed.knn import RayShardedKNN
     from unibct_ray.metrics.distractors import DistractorKNN, RecallKNN
     from unibct_ray.metrics.evaluate import evaluate_features
     from unibct_ray.metrics.knn import FaissKNN
@@ -429,9 +462,11 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
         raise UserError(f"--gpus-per-actor must be in (0, 1], got {a.gpus_per_actor}")
     if a.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
-    meta = ijbc.read_ijbc_meta(a.ijbc)
-    n = len(meta.image_names)
+    if a.shards is not None and a.shards < 1:
+        raise UserError(f"--shards must be >= 1, got {a.shards}")
     cache = a.cache_dir if a.cache_dir is not None else a.out / "cache"
+    meta, save_meta_cache = ijbc.read_ijbc_meta_cached(a.ijbc, cache)
+    n = len(meta.image_names)
 
     # Check every input before any work: a bad one fails fast and leaves nothing under OUT.
     loaded: dict[str, np.ndarray] = {}
@@ -459,7 +494,10 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
                                       f"model's {dims[side][1]} ({dims[side][0]})")
             del dist
 
-    if connect is not None and (a.old_checkpoint or a.new_checkpoint or a.shards > 1):
+    dim = next(iter(dims.values()))[1]
+    gallery_rows = max(len(meta.gallery1), len(meta.gallery2)) + max(a.distractors, 0)
+    shards = a.shards if a.shards is not None else auto_shards(gallery_rows, len(meta.probes), dim)
+    if connect is not None and (a.old_checkpoint or a.new_checkpoint or shards > 1):
         connect()
     gpus = a.gpus_per_actor if a.use_gpu else 0.0
 
@@ -470,8 +508,15 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
                                                       overwrite=a.overwrite, gpus_per_actor=gpus,
                                                       batch_size=a.batch_size)))
     old, new = loaded.get("old"), loaded.get("new")
-    base = (RayShardedKNN(shards=a.shards, index=a.index, gpus_per_shard=gpus) if a.shards > 1
-            else FaissKNN(index=a.index, use_gpu=a.use_gpu))
+    if shards > 1:
+        from unibct_ray.distributed.knn import RayShardedKNN
+
+        base = RayShardedKNN(shards=shards, index=a.index, gpus_per_shard=gpus)
+        # The shard actors stay up for the evaluation's six searches (3 tests x 2 galleries).
+        keep_up: contextlib.AbstractContextManager = base
+    else:
+        base = FaissKNN(index=a.index, use_gpu=a.use_gpu)
+        keep_up = contextlib.nullcontext()
     recall = RecallKNN(base) if a.index != "flat" else None
     knn = recall or base
     distractors = _distractor_features(a, cache, sides)
@@ -479,8 +524,7 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
         # Each gallery searched with the distractors of its own model (evaluate_features picks
         # the backend by the model on the gallery side of each test).
         knn = {side: DistractorKNN(knn, distractors[side], embedded_by=f"the {side} model") for side in sides}
-    # The shard actors stay up for the evaluation's six searches (three tests x two galleries).
-    with base if isinstance(base, RayShardedKNN) else contextlib.nullcontext():
+    with keep_up:
         report, curves = evaluate_features(meta, old, new, knn=knn, criterion_far=a.criterion_far,
                                            bootstrap=a.bootstrap, seed=a.seed)
     if distractors:
@@ -489,7 +533,7 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
             for test, side in (("self_old", "old"), ("cross", "old"), ("self_new", "new")) if side in distractors
             and (test != "cross" or len(sides) == 2)}
     report.setdefault("protocol", {}).update({
-        "ijbc": str(meta.root), "index": a.index, "shards": a.shards, "distractors": a.distractors,
+        "ijbc": str(meta.root), "index": a.index, "shards": shards, "distractors": a.distractors,
         "inference_device": f"GPU ({gpus:g} per actor, fp16 autocast)" if gpus else "CPU (float32)",
         "old": str(a.old_checkpoint or a.old_features or ""), "new": str(a.new_checkpoint or a.new_features or ""),
         "pixel_normalisation": "(x - 127.5) / 127.5", "alignment": "5-point similarity to the ArcFace template",
@@ -497,6 +541,10 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
     if recall is not None:
         report["knn_recall_at_k"] = {"k": "the 1:N search depth", "mean": float(np.mean(recall.recalls)) if recall.recalls else None,
                                      "per_search": [float(r) for r in recall.recalls]}
+    if save_meta_cache is not None:
+        # Only now: a run stopped by a bad input (a missing image is found during extraction)
+        # leaves nothing behind.
+        save_meta_cache()
     a.out.mkdir(parents=True, exist_ok=True)
     write_report(report, a.out, curves.roc, curves.cmc)
     return report

@@ -1,0 +1,50 @@
+"""`unibct-ray eval` from feature files runs in process: no Ray start, no ray or torch import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from unibct_ray.bench.eval import synthetic_ijbc, write_ijbc_folder
+from unibct_ray.distributed.evaluate import SHARD_WORK_THRESHOLD, auto_shards
+
+# Runs the CLI, then lists every heavy module that got imported.
+_PROBE = """
+import json, sys
+from unibct_ray.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "torch", "torchvision"))
+print(json.dumps({"rc": rc, "heavy": heavy}))
+"""
+
+
+def test_eval_from_features_imports_neither_ray_nor_torch(tmp_path: Path) -> None:
+    meta, old, new, _ = synthetic_ijbc(0.01, seed=5, dim=8)
+    root = write_ijbc_folder(meta, tmp_path / "root")
+    np.save(tmp_path / "old.npy", old)
+    np.save(tmp_path / "new.npy", new)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-c", _PROBE, "eval", "--ijbc", str(root), "--old-features", str(tmp_path / "old.npy"),
+           "--new-features", str(tmp_path / "new.npy"), "--out", str(tmp_path / "out"), "--bootstrap", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res == {"rc": 0, "heavy": []}
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["protocol"]["shards"] == 1
+    # The parsed meta was cached beside the report (OUT/cache) for the next evaluation.
+    assert len(list((tmp_path / "out" / "cache").glob("ijbc-meta-*.npz"))) == 1
+
+
+def test_auto_shards_threshold() -> None:
+    # The real IJB-C galleries (~1.8k templates, 19,593 probes, 512-d) stay in process.
+    assert auto_shards(1_772, 19_593, 512) == 1
+    assert auto_shards(1_000_000, 19_593, 512) == 2
+    rows = int(SHARD_WORK_THRESHOLD // (19_593 * 512))
+    assert auto_shards(rows, 19_593, 512) == 1
+    assert auto_shards(rows + 1, 19_593, 512) == 2
