@@ -172,10 +172,11 @@ def training_dataset(path: str | os.PathLike, image_size: int, flip: bool = True
                      shuffle_blocks: bool = True, clock: str | None = None, uint8: bool = True) -> ray.data.Dataset:
     """Shards -> decoded, normalised, randomly flipped training rows (decoding in Ray Data).
 
-    Shard sets are written in class order, so blocks are read in a random order (``seed``)
-    and the training loop shuffles rows within a buffer (``data.shuffle_buffer``); without
-    both, a batch would hold one or two classes. ``shuffle_blocks=False`` keeps the stored
-    order (with no shuffle buffer: a reproducible run).
+    ``data convert`` stores rows in a seeded permutation; on top, blocks are read in a seeded
+    order (``seed``) and the training loop shuffles rows within a buffer
+    (``data.shuffle_buffer``). A streamed set is reordered by file, not by
+    ``randomize_block_order``, so the first batch never waits for the whole set to be read.
+    ``shuffle_blocks=False`` keeps the stored order (with no shuffle buffer: a reproducible run).
 
     A shard set smaller than ``cache_bytes`` is read once into the object store: every epoch
     is a new Ray Data execution, and re-listing and re-reading the files costs seconds per
@@ -192,11 +193,17 @@ def training_dataset(path: str | os.PathLike, image_size: int, flip: bool = True
     size = sum(s.bytes for s in m.shards)
     if size <= min(cache_bytes, DRIVER_READ_BYTES):
         ds = _read_in_driver(m.files)
+    elif size <= cache_bytes:
+        ds = read_shard_set(path).materialize()
     else:
-        ds = read_shard_set(path)
-        if size <= cache_bytes:
-            ds = ds.materialize()
-    if shuffle_blocks:
+        files = [str(f) for f in m.files]
+        if shuffle_blocks:
+            # Streamed: the files in a seeded order instead of randomize_block_order, an
+            # all-to-all step that would read the whole set before the first batch, every epoch.
+            files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+        ds = ray.data.read_parquet(files, num_cpus=1.0)
+        shuffle_blocks = False
+    if shuffle_blocks:  # blocks already in the object store: reordering them costs no read
         ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         decode_batch,
