@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, mode: str, a: dict, out: str) -> N
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    from unibct_ray.distributed.train import _build
+    from unibct_ray.distributed.train import _build, ddp_buffer_kwargs
     from unibct_ray.config import from_dict
     from unibct_ray.models.heads import ParallelMarginHead, margin_function
     from unibct_ray.training import train_step
@@ -61,14 +61,14 @@ def _worker(rank: int, world: int, port: int, mode: str, a: dict, out: str) -> N
 
     if mode == "replicated":
         module = _build(cfg, a["classes"])
-        model = DistributedDataParallel(module, broadcast_buffers=False)
+        model = DistributedDataParallel(module, **ddp_buffer_kwargs())
         head, head_fn = module.head, None
         params = [p for p in module.parameters() if p.requires_grad]
         backbone = module.backbone
     else:
         backbone = _build(cfg, 0).backbone
         head = ParallelMarginHead(a["classes"], a["d"], margin_function("arcface"), rank, world, grad_scale=world)
-        model = DistributedDataParallel(backbone, broadcast_buffers=False)
+        model = DistributedDataParallel(backbone, **ddp_buffer_kwargs())
         params = [p for p in backbone.parameters() if p.requires_grad] + [head.weight]
 
         def head_fn(emb, labels):

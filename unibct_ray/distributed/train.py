@@ -50,7 +50,8 @@ from unibct_ray.distributed.data import FLIP_COLUMN, OLD_FEATURE_COLUMN, epoch_c
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
 from unibct_ray.resources import extract_actor_resources, train_worker_resources
 
-__all__ = ["train", "train_group", "check_inputs", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
+__all__ = ["train", "train_group", "check_inputs", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult",
+           "ddp_buffer_kwargs"]
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
@@ -129,7 +130,7 @@ def _build_parts(cfg: TrainConfig, num_classes: int, rank: int, world: int, devi
     head takes its own rows of it, whatever world size wrote it."""
     from unibct_ray.models.heads import ParallelMarginHead, margin_function
 
-    ddp = {"broadcast_buffers": False}  # BN buffers stay per rank; one broadcast less per step
+    ddp = ddp_buffer_kwargs()  # BN buffers stay per rank; one broadcast less per step
     if not cfg.head_parallel:
         module = _build(cfg, num_classes)
         if state is not None:
@@ -156,6 +157,19 @@ def _build_parts(cfg: TrainConfig, num_classes: int, rank: int, world: int, devi
     model = prepare(backbone, parallel_strategy_kwargs=ddp)  # the centres stay out of DDP's buckets
     head.to(device)
     return _Parts(model, _unwrap(model), head, True)
+
+
+def ddp_buffer_kwargs() -> dict[str, bool]:
+    """DDP keyword that stops the per-forward broadcast of rank 0's buffers (BatchNorm running
+    statistics): ``forward_sync_buffers=False`` where this torch has it (it still syncs them
+    once at construction), ``broadcast_buffers=False`` on older versions."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def _checked_head(state: dict, num_classes: int) -> torch.Tensor:
