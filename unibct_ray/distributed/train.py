@@ -6,6 +6,13 @@ driver extracts new-model features on an actor pool, refines the class prototype
 refinement actors (class ranges) and hands the result to every worker of the next phase. With
 no refinement (old model, independent, l2, bct) the run is a single phase.
 
+The margin head is model-parallel whenever there are several workers (``head.parallel``):
+each rank holds a contiguous 1/world of the class centres, the embeddings and labels are
+all-gathered each step and the softmax is computed across ranks
+(``unibct_ray.models.heads.ParallelMarginHead``); only the backbone is wrapped in DDP, so the
+centres (93,431 x 512 for MS1Mv3) are never all-reduced. Checkpoints hold the full head
+(gathered on save, sliced on load): a run resumes on any world size and in either mode.
+
 Inside the loop only ``get_dataset_shard``, ``report``, ``prepare_model`` and the checkpoint
 API touch Ray; the math lives in ``unibct_ray.models`` and ``unibct_ray.compat``.
 
@@ -75,7 +82,8 @@ def plan_phases(start_epoch: int, epochs: int, refine_epochs: tuple[int, ...], m
 
 
 class _TrainModule(torch.nn.Module):
-    """Backbone + margin classifier as one module, so DDP syncs both."""
+    """Backbone + a full margin classifier as one module, so DDP syncs both (the replicated
+    head, ``head.parallel: false``; also the one-process reference)."""
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
         super().__init__()
