@@ -66,3 +66,29 @@ def test_the_guard_stops_after_the_configured_run_of_non_finite_steps():
         g.update(bad, 15, 0)
     with pytest.raises(NonFiniteLoss, match="compatibility loss"):
         NonFiniteGuard(0).update(StepResult(1.0, 1.0, float("inf"), applied=False, bad_term="compat"), 0, 0)
+
+
+def test_device_images_equal_the_float32_decode():
+    """uint8 decode + flip/normalise on the device == the float32 decode with the flip applied."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from unibct_ray.data.images import decode_images, decode_uint8
+    from unibct_ray.training import device_images
+
+    rng = np.random.default_rng(0)
+    bufs = []
+    for _ in range(5):
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(b, format="PNG")
+        bufs.append(b.getvalue())
+    flip = np.array([True, False, True, True, False])
+    raw = decode_uint8(bufs, 16)
+    assert raw.dtype == np.uint8 and raw.shape == (5, 3, 16, 16)
+    got = device_images(torch.from_numpy(raw), torch.from_numpy(flip)).numpy()
+    np.testing.assert_allclose(got, decode_images(bufs, 16, flip), rtol=0, atol=1e-6)
+    # by hand for one pixel of a flipped row: column 0 comes from column 15
+    assert got[0, 1, 2, 0] == (float(raw[0, 1, 2, 15]) - 127.5) / 127.5

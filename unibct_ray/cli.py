@@ -75,7 +75,8 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
     m = convert_rec(a.rec, a.out, idx=a.idx, rows_per_shard=a.rows_per_shard, verify=a.verify,
                     overwrite=a.overwrite, progress=not a.no_progress, parallelism=a.parallelism,
-                    connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus))
+                    connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus),
+                    shuffle_seed=None if a.record_order else a.seed)
     print(f"wrote {m.rows} images of {m.classes} classes in {len(m.shards)} shards to {m.path}")
     return 0
 
@@ -284,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
              "Convert an insightface MS1M RecordIO file (train.rec + train.idx; no mxnet needed)\n"
              "into Parquet shards, as parallel Ray tasks over key ranges.\n\n"
              "Writes OUT/part-NNNNN.parquet (columns: image = JPEG bytes as stored, label = int64\n"
-             "class, index = int64 record key; consecutive keys, so class order is kept) and\n"
+             "class, index = int64 record key; rows in a seeded permutation of the keys, so every\n"
+             "shard mixes many classes; --record-order keeps the .rec order) and\n"
              "OUT/manifest.json (rows, classes, shards, source file and size). OUT appears only\n"
              "when complete. On a cluster, the .rec and OUT must be on storage all nodes see.",
              _cmd_convert)
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fully decode (~370 us/img)")
     p.add_argument("--parallelism", type=int, default=None,
                    help="conversion tasks in flight (default: the Ray cluster's CPU count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row permutation")
+    p.add_argument("--record-order", action="store_true",
+                   help="write rows in the .rec's (class) order instead of a seeded permutation")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _ray_flags(p)
 

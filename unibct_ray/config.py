@@ -73,6 +73,11 @@ class HeadSection:
     type: str = "arcface"
     scale: float = 64.0
     margin: float = 0.5
+    # Model-parallel head: each worker holds 1/num_workers of the class centres (none are
+    # all-reduced); null = on whenever num_workers > 1, false = every worker holds all of them.
+    parallel: bool | None = None
+    # Fraction of each worker's centres in one step's softmax (positives always in): 1 = exact.
+    sample_rate: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,9 @@ class TrainConfig:
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    amp: bool = True              # fp16 autocast, GPU only
+    amp: bool = True              # autocast on GPU (amp_dtype); CPU runs in float32
+    amp_dtype: str = "fp16"       # fp16 (with a gradient scaler) | bf16 (no scaler needed)
+    channels_last: bool = False   # NHWC memory format for the backbone and its input (GPU)
     seed: int = 0
     storage: str = "runs"         # run directories go to STORAGE/NAME
     max_failures: int = 2         # worker failures survived (restart from the last checkpoint)
@@ -158,6 +165,8 @@ class TrainConfig:
         need(self.head.type in HEADS, "head.type", f"must be one of {HEADS}, got {self.head.type!r}")
         number("head.scale", 0, 1e4, lo_open=True)
         number("head.margin", 0, math.pi / 2, hi_open=True)
+        number("head.sample_rate", 0, 1, lo_open=True)
+        need(self.amp_dtype in ("fp16", "bf16"), "amp_dtype", f"must be fp16 or bf16, got {self.amp_dtype!r}")
         number("optim.lr", 0, 1e3, lo_open=True)
         count("optim.epochs", 1, 100_000)
         count("optim.base_batch", 1, MAX_BATCH)
@@ -199,6 +208,11 @@ class TrainConfig:
             need(bool(self.compat.old_checkpoint), "compat.old_checkpoint",
                  f"required for method {self.compat.method!r}")
         return self
+
+    @property
+    def head_parallel(self) -> bool:
+        """Whether the workers shard the class centres (``head.parallel``, default: several workers)."""
+        return self.num_workers > 1 if self.head.parallel is None else bool(self.head.parallel)
 
     @property
     def per_worker_batch(self) -> int:

@@ -10,7 +10,29 @@ import torch.nn.functional as F
 
 from unibct_ray.compat.losses import CompatLoss
 
-__all__ = ["StepResult", "train_step", "NonFiniteLoss", "NonFiniteGuard"]
+__all__ = ["StepResult", "train_step", "NonFiniteLoss", "NonFiniteGuard", "device_images"]
+
+
+def device_images(images: torch.Tensor, flip: torch.Tensor | None = None, *,
+                  channels_last: bool = False) -> torch.Tensor:
+    """Decoded pixels on the training device -> the network's input.
+
+    ``images``: uint8 ``[b, 3, S, S]`` (or float32 already normalised, returned as is);
+    ``flip``: bool ``[b]``, mirror those rows horizontally. Returns float32 ``[b, 3, S, S]``,
+    ``(x - 127.5) / 127.5`` (``unibct_ray.data.images``), in ``channels_last`` memory format
+    when asked. Doing this here, not in the decode tasks, moves a quarter of the bytes
+    through the object store and host-to-device copies.
+    """
+    from unibct_ray.data.images import PIXEL_MEAN, PIXEL_STD
+
+    if images.dtype == torch.uint8:
+        x = images.float()
+        if flip is not None:
+            x = torch.where(flip.to(torch.bool).view(-1, 1, 1, 1), x.flip(-1), x)
+        x = (x - PIXEL_MEAN) / PIXEL_STD
+    else:
+        x = images
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,8 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     autocast_device: str | None = None,
     agree: Callable[[bool], bool] | None = None,
+    head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    amp_dtype: torch.dtype = torch.float16,
 ) -> StepResult:
     """``loss = CE(head(emb), y) + weight * compat(emb, old, y, prototypes)``; one SGD step.
 
@@ -74,15 +98,26 @@ def train_step(
     concatenated batch (BatchNorm statistics aside). Gradient clipping happens after the
     average, on ``clip_params`` (the backbone).
 
+    With ``head`` (a model-parallel head, kept outside DDP), ``module(x) -> emb [b, d]`` and
+    ``head(emb, labels) -> head loss``; the head's parameters must be in ``optimizer`` too. A
+    GradScaler then sees inf/NaN gradients of the local centres only, so the ranks agree
+    (``agree``) on the overflow before unscaling, and all skip or all step together.
+
+    ``amp_dtype``: the autocast dtype (float16 with a ``scaler``, or bfloat16 without one).
+
     A NaN/inf head or compatibility loss skips the update (no backward, no optimizer step) and
     returns ``applied=False``; ``agree(local_ok) -> all_ok`` makes every DDP rank take the same
     decision (a rank that skipped its backward while the others ran theirs would hang DDP's
     all-reduce), e.g. an all-reduce of the flag with MIN. The caller counts skipped steps
     (:class:`NonFiniteGuard`).
     """
-    with torch.autocast(autocast_device or x.device.type, dtype=torch.float16, enabled=autocast_device is not None):
-        emb, logits = module(x, labels)
-        head_loss = F.cross_entropy(logits.float(), labels)
+    with torch.autocast(autocast_device or x.device.type, dtype=amp_dtype, enabled=autocast_device is not None):
+        if head is None:
+            emb, logits = module(x, labels)
+            head_loss = F.cross_entropy(logits.float(), labels)
+        else:
+            emb = module(x)
+            head_loss = head(emb, labels)
         comp = emb.new_zeros((), dtype=torch.float32)
         if weight > 0 and compat is not None:
             comp = compat.value(emb.float(), old_features, labels, prototypes)  # unweighted L_comp
@@ -99,8 +134,15 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
+        if head is not None and agree is not None:
+            finite = all(bool(torch.isfinite(p.grad).all()) for g in optimizer.param_groups
+                         for p in g["params"] if p.grad is not None)
+            if not agree(finite):
+                # another rank's centres overflowed: make this rank's unscale_ see it too, so
+                # every rank skips the step and lowers its scale alike
+                next(p for g in optimizer.param_groups for p in g["params"] if p.grad is not None).grad.fill_(float("inf"))
+        scaler.unscale_(optimizer)
         if clip_norm > 0 and clip_params:
-            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(clip_params, clip_norm)
         scaler.step(optimizer)
         scaler.update()

@@ -50,12 +50,26 @@ def test_convert_roundtrip(ray_session, small_rec, tmp_path, capsys):
     got = []
     for s in m.shards:
         got.extend(pq.read_table(out / s.file).to_pylist())
-    assert [r["index"] for r in got] == list(range(1, 31))
-    assert [(r["label"], r["image"]) for r in got] == images  # bytes exactly as stored
+    # rows in the seeded permutation of the keys 1..30 (seed 0 by default)
+    order = np.random.default_rng(0).permutation(30)
+    assert [r["index"] for r in got] == (order + 1).tolist()
+    assert [(r["label"], r["image"]) for r in got] == [images[i] for i in order]  # bytes exactly as stored
     cols = read_columns(m, ["label"])
-    np.testing.assert_array_equal(cols["label"], [c for c, _ in images])
+    np.testing.assert_array_equal(cols["label"], [images[i][0] for i in order])
+    assert len({r["label"] for r in got[:7]}) >= 4  # the first shard mixes classes (record order: 2)
     # nothing but the shard set next to it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards", "train.idx", "train.rec"]
+
+
+def test_convert_in_record_order(ray_session, small_rec, tmp_path, capsys):
+    rec, images = small_rec
+    out = tmp_path / "shards"
+    code, _, err = run_cli(["data", "convert", "--rec", str(rec), "--out", str(out), "--rows-per-shard", "7",
+                            "--no-progress", "--record-order"], capsys)
+    assert code == 0, err
+    got = [r for s in read_manifest(out).shards for r in pq.read_table(out / s.file).to_pylist()]
+    assert [r["index"] for r in got] == list(range(1, 31))
+    assert [(r["label"], r["image"]) for r in got] == images
 
 
 def test_convert_refuses_existing_output(ray_session, small_rec, tmp_path, capsys):

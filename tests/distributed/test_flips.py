@@ -8,9 +8,11 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from unibct_ray.data.shards import shard_name, write_manifest, write_shard
 from unibct_ray.distributed.data import decode_batch, epoch_clock, flip_mask, set_epoch_clock, training_dataset
+from unibct_ray.training import device_images
 
 M64 = (1 << 64) - 1
 
@@ -88,7 +90,9 @@ def test_decode_tasks_flip_by_the_epoch_on_the_clock(ray_session, tmp_path):
             ds = training_dataset(str(tmp_path / "shards"), 16, flip=True, batch_size=8, seed=7,
                                   shuffle_blocks=False, clock=clock)
             rows = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-            got = np.concatenate([r["image"] for r in rows])
+            raw = np.concatenate([r["image"] for r in rows])
+            assert raw.dtype == np.uint8  # decoded images travel as uint8; the loop normalises
+            got = device_images(torch.from_numpy(raw), torch.from_numpy(np.concatenate([r["flip"] for r in rows]))).numpy()
             assert np.array_equal(np.concatenate([r["index"] for r in rows]), index)
             np.testing.assert_array_equal(got, expected(7, epoch))
         assert not np.array_equal(expected(7, 0), expected(7, 3))

@@ -19,6 +19,8 @@ __all__ = ["BENCHES", "add_bench_parser"]
 BENCHES: dict[str, tuple[str, str]] = {
     "convert": ("unibct_ray.bench.convert", "data convert vs a plain sequential read of the same .rec"),
     "pipeline": ("unibct_ray.bench.pipeline", "Ray Data -> TorchTrainer vs a plain DataLoader loop"),
+    "head": ("unibct_ray.bench.head", "replicated vs model-parallel margin head: bytes all-reduced, step time"),
+    "shuffle": ("unibct_ray.bench.shuffle", "distinct classes per global batch vs a uniform permutation"),
     "memory": ("unibct_ray.bench.memory", "peak memory of the training input pipeline under a small object store"),
     "refine": ("unibct_ray.bench.refine", "vectorised prototype refinement vs a per-class loop"),
     "search": ("unibct_ray.bench.search", "FAISS gallery shards on Ray actors vs one index"),

@@ -108,6 +108,55 @@ def bench_pipeline(out: Path, identities: int, images_per_identity: int, size: i
     }
 
 
+def decoded_bytes_per_image(shards: Path, size: int, uint8: bool) -> dict:
+    """Object-store bytes per decoded training row (the blocks ``map_batches`` emits), for the
+    uint8 decode (the training path) or the float32 one (normalised on the CPU, as before)."""
+    from unibct_ray.distributed.data import training_dataset
+
+    ds = training_dataset(str(shards), size, flip=True, cache_bytes=0, seed=0, uint8=uint8).materialize()
+    rows = ds.count()
+    return {"bytes_per_image": round(ds.size_bytes() / max(rows, 1), 1), "rows": rows}
+
+
+def first_batch_seconds(shards: Path, size: int, batch: int) -> float:
+    """Seconds from building the (streamed, block-shuffled) training dataset to its first batch."""
+    from unibct_ray.distributed.data import training_dataset
+
+    t = time.perf_counter()
+    ds = training_dataset(str(shards), size, flip=True, cache_bytes=0, seed=0)
+    next(iter(ds.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=4 * batch, local_shuffle_seed=0)))
+    return time.perf_counter() - t
+
+
+def lean_decode_figures(out: Path, identities: int, images_per_identity: int, size: int, batch: int) -> dict:
+    """uint8 vs float32 bytes per image through the object store, and the time to the first
+    batch of a streamed set at the given size and at 4x the size."""
+    from unibct_ray.data.synth import SynthSpec
+    from unibct_ray.distributed.convert import convert_rec
+    from unibct_ray.distributed.runtime import ensure_ray
+    from unibct_ray.distributed.synth import synthesize
+
+    ensure_ray()
+    res: dict = {"size": size}
+    for scale in (1, 4):
+        data = out / f"synth-x{scale}"
+        if not (data / "train.rec").exists():
+            synthesize(SynthSpec(identities=identities * scale, images_per_identity=images_per_identity, size=size,
+                                 count_spread=0.0, eval_identities=0), data, progress=False)
+        shards = out / f"shards-x{scale}"
+        if not (shards / "manifest.json").exists():
+            convert_rec(data / "train.rec", shards, rows_per_shard=500, progress=False)
+        if scale == 1:
+            u8, f32 = decoded_bytes_per_image(shards, size, True), decoded_bytes_per_image(shards, size, False)
+            res["object_store_bytes_per_image"] = {"uint8": u8["bytes_per_image"], "float32": f32["bytes_per_image"],
+                                                   "float32_over_uint8": round(f32["bytes_per_image"]
+                                                                               / u8["bytes_per_image"], 2)}
+        first_batch_seconds(shards, size, batch)  # warm: imports, the first Ray Data job's start-up
+        res[f"first_batch_s_x{scale}"] = {"rows": identities * scale * images_per_identity,
+                                          "seconds": round(first_batch_seconds(shards, size, batch), 2)}
+    return res
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench_out/pipeline"), help="working directory")
     p.add_argument("--identities", type=int, default=100)
@@ -116,10 +165,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--backbone", default="r18")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lean-only", action="store_true",
+                   help="only the decode figures (bytes per image uint8 vs float32, time to the first "
+                        "batch at 1x and 4x the data), not the training comparison")
 
 
 def run(a: argparse.Namespace) -> dict:
-    return bench_pipeline(a.out, a.identities, a.images_per_identity, a.size, a.epochs, a.backbone, a.batch)
+    lean = lean_decode_figures(a.out, a.identities, a.images_per_identity, a.size, a.batch)
+    if a.lean_only:
+        return {"decode": lean}
+    return {"decode": lean,
+            **bench_pipeline(a.out, a.identities, a.images_per_identity, a.size, a.epochs, a.backbone, a.batch)}
 
 
 if __name__ == "__main__":

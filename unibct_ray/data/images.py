@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from unibct_ray.errors import DataFormatError
 
-__all__ = ["PIXEL_MEAN", "PIXEL_STD", "decode_images", "to_tensor_layout"]
+__all__ = ["PIXEL_MEAN", "PIXEL_STD", "decode_images", "decode_uint8", "to_tensor_layout"]
 
 PIXEL_MEAN = 127.5
 PIXEL_STD = 127.5
@@ -34,6 +34,20 @@ def decode_images(data: Sequence[bytes], size: int, flip: np.ndarray | None = No
     Images of another size are resized (bilinear); ``flip`` (bool [b]) mirrors rows
     horizontally. An undecodable image raises ``DataFormatError`` naming its record key.
     """
+    out = _decode_hwc(data, size, keys, source)
+    if flip is not None and flip.any():
+        out[flip] = out[flip, :, ::-1]
+    return to_tensor_layout(out)
+
+
+def decode_uint8(data: Sequence[bytes], size: int, keys: Sequence[int] | None = None,
+                 source: str = "shard") -> np.ndarray:
+    """Decode encoded images to uint8 [b, 3, size, size] (channels first, not normalised, not
+    flipped): a quarter of the float32 bytes; the training loop normalises on its device."""
+    return np.ascontiguousarray(_decode_hwc(data, size, keys, source).transpose(0, 3, 1, 2))
+
+
+def _decode_hwc(data: Sequence[bytes], size: int, keys: Sequence[int] | None, source: str) -> np.ndarray:
     out = np.empty((len(data), size, size, 3), np.uint8)
     for i, buf in enumerate(data):
         try:
@@ -45,6 +59,4 @@ def decode_images(data: Sequence[bytes], size: int, flip: np.ndarray | None = No
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             key = keys[i] if keys is not None else i
             raise DataFormatError(f"{source}: image with index {key} does not decode ({e})") from None
-    if flip is not None and flip.any():
-        out[flip] = out[flip, :, ::-1]
-    return to_tensor_layout(out)
+    return out

@@ -56,11 +56,16 @@ def convert_rec(
     progress: bool = True,
     parallelism: int | None = None,
     connect: Callable[[], None] | None = None,
+    shuffle_seed: int | None = 0,
 ) -> Manifest:
     """Convert an MS1M-layout ``.rec`` into a shard set at ``out`` (atomically).
 
-    Requires a connected Ray (see ``ensure_ray``). Shards hold consecutive image keys, so the
-    set keeps the record (= class) order that ``data split`` relies on. ``parallelism``
+    Requires a connected Ray (see ``ensure_ray``). Rows are written in a seeded permutation of
+    the image keys (``numpy.random.default_rng(shuffle_seed).permutation``), so every shard and
+    every block a training epoch reads holds many classes (a ``.rec`` is in class order:
+    record-order shards give batches of a few hundred of the classes). ``shuffle_seed=None``
+    keeps the record order. ``data split`` defines "first images" by the ``index`` column
+    (record keys), not by row position, so it gives the same split either way. ``parallelism``
     bounds the tasks in flight (default: the cluster's CPUs). ``connect`` is called once the
     ``.rec``/``.idx`` framing, header and keys are checked (before any Ray work).
     """
@@ -68,6 +73,8 @@ def convert_rec(
     with reader:
         header = ms1m.read_ms1m_header(reader)
         keys = ms1m.image_keys(reader, header)
+    if shuffle_seed is not None:
+        keys = keys[np.random.default_rng(shuffle_seed).permutation(len(keys))]
     ranges = plan_ranges(len(keys), rows_per_shard)
     if Path(out).exists() and not overwrite:
         raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -98,6 +105,7 @@ def convert_rec(
                 **_synth_origin(Path(rec)),
             },
             verify=verify,
+            order={"shuffle_seed": shuffle_seed} if shuffle_seed is not None else "record",
         )
         final = stage.commit()
     return read_manifest(final)

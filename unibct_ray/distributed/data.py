@@ -1,4 +1,6 @@
-"""Ray Data pipelines over shard sets: decode + normalise + flip on CPU in ``map_batches``.
+"""Ray Data pipelines over shard sets: JPEG decode on CPU in ``map_batches``, leaving as uint8
+with a seeded flip mask; the training loop normalises and flips on its device
+(:func:`unibct_ray.training.device_images`).
 
 Flips are seeded: image ``index`` in epoch ``e`` of a run with seed ``s`` is flipped iff the top
 bit of a 64-bit hash of ``(s, e, index)`` is set (:func:`flip_mask`). A Ray Data map function
@@ -23,14 +25,15 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from unibct_ray.data.images import decode_images
+from unibct_ray.data.images import decode_images, decode_uint8
 from unibct_ray.data.shards import read_manifest
 
-__all__ = ["read_shard_set", "decode_batch", "training_dataset", "FEATURE_COLUMN", "OLD_FEATURE_COLUMN",
+__all__ = ["read_shard_set", "decode_batch", "training_dataset", "FEATURE_COLUMN", "OLD_FEATURE_COLUMN", "FLIP_COLUMN",
            "feature_matrix", "flip_mask", "epoch_clock", "set_epoch_clock"]
 
 FEATURE_COLUMN = "feature"
 OLD_FEATURE_COLUMN = "old_feature"
+FLIP_COLUMN = "flip"
 
 
 def read_shard_set(path: str | os.PathLike, columns: list[str] | None = None, *,
@@ -112,12 +115,15 @@ def set_epoch_clock(name: str, epoch: int) -> None:
 
 
 def decode_batch(batch: pa.Table, image_size: int, flip: bool, source: str, seed: int | None = None,
-                 clock: str | None = None) -> dict[str, np.ndarray]:
-    """Ray Data batch (pyarrow) -> numpy columns: image float32 [b, 3, S, S], label, index
-    (+ old_feature float32 [b, d] when present).
+                 clock: str | None = None, uint8: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data batch (pyarrow) -> numpy columns: image, label, index (+ old_feature float32
+    [b, d] when present).
 
     ``flip``: each image is mirrored with probability 1/2, by :func:`flip_mask` of its index,
-    ``seed`` and the epoch on the ``clock`` actor when both are given, at random otherwise."""
+    ``seed`` and the epoch on the ``clock`` actor when both are given, at random otherwise.
+    ``uint8=False``: image is normalised float32 [b, 3, S, S], already flipped. ``uint8=True``:
+    image is uint8 [b, 3, S, S] as decoded and the mask travels as a bool column ``flip`` [b]
+    (all False without ``flip``), applied on the training device."""
     keys = batch.column("index").to_numpy()
     images = batch.column("image").to_pylist()
     mask = None
@@ -125,11 +131,17 @@ def decode_batch(batch: pa.Table, image_size: int, flip: bool, source: str, seed
         mask = flip_mask(keys, seed, ray.get(_clock(clock).get.remote()))
     elif flip:
         mask = np.random.default_rng().random(len(images)) < 0.5
+    if uint8:
+        image = decode_uint8(images, image_size, keys=keys, source=source)
+    else:
+        image = decode_images(images, image_size, mask, keys=keys, source=source)
     out = {
-        "image": decode_images(images, image_size, mask, keys=keys, source=source),
+        "image": image,
         "label": batch.column("label").to_numpy().astype(np.int64),
         "index": keys.astype(np.int64),
     }
+    if uint8:
+        out[FLIP_COLUMN] = mask if mask is not None else np.zeros(len(images), bool)
     if OLD_FEATURE_COLUMN in batch.column_names:
         out[OLD_FEATURE_COLUMN] = feature_matrix(batch, OLD_FEATURE_COLUMN)
     return out
@@ -157,20 +169,23 @@ def _read_in_driver(files: list) -> ray.data.Dataset:
 def training_dataset(path: str | os.PathLike, image_size: int, flip: bool = True,
                      decode_cpus: float = 1.0, batch_size: int = 256,
                      cache_bytes: int = 2_000_000_000, seed: int | None = None,
-                     shuffle_blocks: bool = True, clock: str | None = None) -> ray.data.Dataset:
+                     shuffle_blocks: bool = True, clock: str | None = None, uint8: bool = True) -> ray.data.Dataset:
     """Shards -> decoded, normalised, randomly flipped training rows (decoding in Ray Data).
 
-    Shard sets are written in class order, so blocks are read in a random order (``seed``)
-    and the training loop shuffles rows within a buffer (``data.shuffle_buffer``); without
-    both, a batch would hold one or two classes. ``shuffle_blocks=False`` keeps the stored
-    order (with no shuffle buffer: a reproducible run).
+    ``data convert`` stores rows in a seeded permutation; on top, blocks are read in a seeded
+    order (``seed``) and the training loop shuffles rows within a buffer
+    (``data.shuffle_buffer``). A streamed set is reordered by file, not by
+    ``randomize_block_order``, so the first batch never waits for the whole set to be read.
+    ``shuffle_blocks=False`` keeps the stored order (with no shuffle buffer: a reproducible run).
 
     A shard set smaller than ``cache_bytes`` is read once into the object store: every epoch
     is a new Ray Data execution, and re-listing and re-reading the files costs seconds per
     epoch (measured ~4 s here for 2 files), which dominates small runs. Sets up to
     ``DRIVER_READ_BYTES`` are read by the driver with pyarrow (one block per file), since a
     Ray Data read job alone costs ~6 s of start-up; larger ones are read by Ray Data. Larger
-    than ``cache_bytes``, they stream from storage each epoch. Decoding and flipping always
+    than ``cache_bytes``, they stream from storage each epoch. ``uint8`` (the training path)
+    leaves images as uint8 with a ``flip`` column (see :func:`decode_batch`); ``False`` keeps
+    the float32 decode (the pipeline bench compares both). Decoding and flipping always
     run per epoch: with ``seed`` and an :func:`epoch_clock` ``clock`` the flips are a function of
     (seed, epoch, index), new each epoch and the same in every run; without, they are random.
     """
@@ -178,16 +193,23 @@ def training_dataset(path: str | os.PathLike, image_size: int, flip: bool = True
     size = sum(s.bytes for s in m.shards)
     if size <= min(cache_bytes, DRIVER_READ_BYTES):
         ds = _read_in_driver(m.files)
+    elif size <= cache_bytes:
+        ds = read_shard_set(path).materialize()
     else:
-        ds = read_shard_set(path)
-        if size <= cache_bytes:
-            ds = ds.materialize()
-    if shuffle_blocks:
+        files = [str(f) for f in m.files]
+        if shuffle_blocks:
+            # Streamed: the files in a seeded order instead of randomize_block_order, an
+            # all-to-all step that would read the whole set before the first batch, every epoch.
+            files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+        ds = ray.data.read_parquet(files, num_cpus=1.0)
+        shuffle_blocks = False
+    if shuffle_blocks:  # blocks already in the object store: reordering them costs no read
         ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         decode_batch,
         batch_format="pyarrow",
         batch_size=batch_size,
-        fn_kwargs={"image_size": image_size, "flip": flip, "source": str(path), "seed": seed, "clock": clock},
+        fn_kwargs={"image_size": image_size, "flip": flip, "source": str(path), "seed": seed, "clock": clock,
+                   "uint8": uint8},
         num_cpus=decode_cpus,
     )

@@ -74,6 +74,7 @@ def extract_features(
     gpus_per_actor: float = 0.0,
     task_cpus: float = 1.0,
     overwrite: bool = False,
+    sort_by_label: bool = False,
 ) -> Path:
     """Embed every row of ``shards`` into a new shard set at ``out`` (atomically).
 
@@ -84,6 +85,9 @@ def extract_features(
     ``gpus_per_actor``: the GPU share of each actor (``unibct_ray.resources``); > 0 embeds on
     the GPU under fp16 autocast, 0 on one CPU thread per actor in float32. ``batch_size``:
     images per forward pass (``extract_batch`` of the config).
+    ``sort_by_label``: rewrite each output file sorted by (label, index), for sets that are read
+    by class range (:func:`read_class_range`). Training shards are stored in a permutation,
+    so without it every row group would span all classes and no read could skip one.
     """
     src = read_manifest(shards)
     ctx = ray.data.DataContext.get_current()
@@ -117,6 +121,8 @@ def extract_features(
             for i, f in enumerate(files):
                 new = f.with_name(f"part-{i:05d}.parquet")
                 f.rename(new)
+                if sort_by_label:
+                    _sort_file(new)
                 n = pq.ParquetFile(new).metadata.num_rows
                 rows += n
                 shards_info.append(ShardInfo(new.name, n, new.stat().st_size))
@@ -132,6 +138,16 @@ def extract_features(
         ctx.execution_options.preserve_order = previous
         ctx.target_max_block_size = previous_block
     return Path(out)
+
+
+def _sort_file(path: Path) -> None:
+    """Rewrite one Parquet file sorted by (label, index), in row groups of ``ROW_GROUP_ROWS``."""
+    from unibct_ray.data.shards import ROW_GROUP_ROWS
+
+    table = pq.read_table(path).sort_by([("label", "ascending"), ("index", "ascending")])
+    tmp = path.with_name(path.name + ".sorting")
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+    tmp.replace(path)
 
 
 def read_class_range(path: str | os.PathLike, column: str, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

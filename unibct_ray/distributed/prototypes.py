@@ -210,7 +210,7 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
             extract_features(train_dir, new_dir, checkpoint=checkpoint, column=FEATURE_COLUMN,
                              actors=n_act, batch_size=cfg.extract_batch, cpus_per_actor=res["CPU"],
                              gpus_per_actor=res.get("GPU", 0.0), task_cpus=min(res["CPU"], 1.0),
-                             overwrite=True, **(weights or {}))
+                             overwrite=True, sort_by_label=True, **(weights or {}))
         labels = read_columns(read_manifest(train_dir), ["label"])["label"]
         counts = np.bincount(labels, minlength=num_classes)
         ranges = balanced_class_ranges(counts, max(1, cfg.refine_actors), cfg.model.embedding_size)

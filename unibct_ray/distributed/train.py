@@ -6,6 +6,13 @@ driver extracts new-model features on an actor pool, refines the class prototype
 refinement actors (class ranges) and hands the result to every worker of the next phase. With
 no refinement (old model, independent, l2, bct) the run is a single phase.
 
+The margin head is model-parallel whenever there are several workers (``head.parallel``):
+each rank holds a contiguous 1/world of the class centres, the embeddings and labels are
+all-gathered each step and the softmax is computed across ranks
+(``unibct_ray.models.heads.ParallelMarginHead``); only the backbone is wrapped in DDP, so the
+centres (93,431 x 512 for MS1Mv3) are never all-reduced. Checkpoints hold the full head
+(gathered on save, sliced on load): a run resumes on any world size and in either mode.
+
 Inside the loop only ``get_dataset_shard``, ``report``, ``prepare_model`` and the checkpoint
 API touch Ray; the math lives in ``unibct_ray.models`` and ``unibct_ray.compat``.
 
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import shutil
@@ -52,11 +60,12 @@ from unibct_ray.checkpoint import (
 )
 from unibct_ray.config import TrainConfig, from_dict, to_dict
 from unibct_ray.data.shards import atomic_write_text, read_manifest
-from unibct_ray.distributed.data import OLD_FEATURE_COLUMN, epoch_clock, set_epoch_clock, training_dataset
+from unibct_ray.distributed.data import FLIP_COLUMN, OLD_FEATURE_COLUMN, epoch_clock, set_epoch_clock, training_dataset
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
 from unibct_ray.resources import extract_actor_resources, train_worker_resources
 
-__all__ = ["train", "train_group", "check_inputs", "old_features_dir", "OLD_FEATURES_DIR", "train_loop_per_worker", "plan_phases", "poly_lr", "TrainResult"]
+__all__ = ["train", "train_group", "check_inputs", "old_features_dir", "OLD_FEATURES_DIR", "train_loop_per_worker",
+           "plan_phases", "poly_lr", "TrainResult", "ddp_buffer_kwargs"]
 
 
 OLD_FEATURES_DIR = "old_features"  # under STORAGE, unless compat.old_features_cache names the root
@@ -83,7 +92,8 @@ def plan_phases(start_epoch: int, epochs: int, refine_epochs: tuple[int, ...], m
 
 
 class _TrainModule(torch.nn.Module):
-    """Backbone + margin classifier as one module, so DDP syncs both."""
+    """Backbone + a full margin classifier as one module, so DDP syncs both (the replicated
+    head, ``head.parallel: false``; also the one-process reference)."""
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module):
         super().__init__()
@@ -96,17 +106,138 @@ class _TrainModule(torch.nn.Module):
 
 
 def _build(cfg: TrainConfig, num_classes: int) -> _TrainModule:
+    """Backbone + the full (replicated) head. The centres are drawn per class block from
+    ``cfg.seed`` (:func:`unibct_ray.models.heads.init_centres`): the parallel head starts from
+    the same centres on any number of workers."""
     from unibct_ray.models.heads import NormalizedClassifier, margin_function
     from unibct_ray.models.iresnet import build_backbone
 
     backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.data.image_size, cfg.model.dropout)
     head = NormalizedClassifier(num_classes, cfg.model.embedding_size,
-                                margin_function(cfg.head.type, cfg.head.scale, cfg.head.margin))
+                                margin_function(cfg.head.type, cfg.head.scale, cfg.head.margin), init_seed=cfg.seed)
     return _TrainModule(backbone, head)
 
 
 def _unwrap(module: torch.nn.Module) -> _TrainModule:
     return module.module if hasattr(module, "module") else module
+
+
+@dataclass
+class _Parts:
+    """What one worker trains: ``model`` is what ``train_step`` calls (DDP over the backbone
+    alone with the parallel head, over backbone + head without it)."""
+
+    model: torch.nn.Module
+    backbone: torch.nn.Module
+    head: torch.nn.Module          # ParallelMarginHead (a slice of the centres) or NormalizedClassifier
+    parallel: bool
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """Optimizer parameters: the backbone's, then the centres (one order in both modes, so
+        a checkpoint's optimizer state fits either)."""
+        return [p for p in self.backbone.parameters() if p.requires_grad] + [self.head.weight]
+
+    def head_index(self) -> int:
+        return len(self.trainable()) - 1
+
+
+def _build_parts(cfg: TrainConfig, num_classes: int, rank: int, world: int, device: torch.device,
+                 state: dict | None, prepare: Callable[..., torch.nn.Module]) -> _Parts:
+    """Build (and restore) a worker's model; ``prepare`` wraps a module for DDP
+    (``ray.train.torch.prepare_model``). A checkpoint always holds the full head; the parallel
+    head takes its own rows of it, whatever world size wrote it."""
+    from unibct_ray.models.heads import ParallelMarginHead, margin_function
+
+    ddp = ddp_buffer_kwargs()  # BN buffers stay per rank; one broadcast less per step
+    if not cfg.head_parallel:
+        module = _build(cfg, num_classes)
+        if state is not None:
+            module.backbone.load_state_dict(state["model"])
+            module.head.load_state_dict(state["head"])
+        if cfg.channels_last and device.type == "cuda":
+            module.backbone.to(memory_format=torch.channels_last)
+        model = prepare(module, parallel_strategy_kwargs=ddp)
+        inner = _unwrap(model)
+        return _Parts(model, inner.backbone, inner.head, False)
+    full = _build(cfg, 0)  # the backbone, drawn from the seed exactly as in the replicated mode
+    backbone = full.backbone
+    head = ParallelMarginHead(num_classes, cfg.model.embedding_size,
+                              margin_function(cfg.head.type, cfg.head.scale, cfg.head.margin), rank, world,
+                              sample_rate=cfg.head.sample_rate, seed=cfg.seed,
+                              # DDP averages the backbone's gradients; the loss is already the global mean
+                              grad_scale=float(world))
+    if state is not None:
+        backbone.load_state_dict(state["model"])
+        with torch.no_grad():
+            head.weight.copy_(_checked_head(state, num_classes)[head.class_start:head.class_end])
+    if cfg.channels_last and device.type == "cuda":
+        backbone.to(memory_format=torch.channels_last)
+    model = prepare(backbone, parallel_strategy_kwargs=ddp)  # the centres stay out of DDP's buckets
+    head.to(device)
+    return _Parts(model, _unwrap(model), head, True)
+
+
+def ddp_buffer_kwargs() -> dict[str, bool]:
+    """DDP keyword that stops the per-forward broadcast of rank 0's buffers (BatchNorm running
+    statistics): ``forward_sync_buffers=False`` where this torch has it (it still syncs them
+    once at construction), ``broadcast_buffers=False`` on older versions."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _checked_head(state: dict, num_classes: int) -> torch.Tensor:
+    w = state["head"]["weight"]
+    if w.shape[0] != num_classes:
+        raise UserError(f"checkpoint head has {w.shape[0]} classes, the training set {num_classes}")
+    return w
+
+
+def _gather_rows(part: torch.Tensor, num_classes: int, world: int) -> torch.Tensor:
+    """Every rank's slice ``[C_r, ...]`` -> the full ``[C, ...]`` on every rank (CPU)."""
+    from unibct_ray.models.heads import class_range
+
+    ranges = [class_range(num_classes, r, world) for r in range(world)]
+    rows = max(e - s for s, e in ranges)
+    pad = part.new_zeros((rows, *part.shape[1:]))
+    pad[:part.shape[0]] = part.detach()
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    torch.distributed.all_gather(parts, pad)  # equal shapes: the first ranks hold one class more
+    return torch.cat([p[:e - s] for p, (s, e) in zip(parts, ranges)]).cpu()
+
+
+def _full_state(parts: _Parts, optimizer: torch.optim.Optimizer, num_classes: int,
+                world: int) -> tuple[dict, dict]:
+    """(head state_dict, optimizer state_dict) with the FULL centres and their momentum.
+
+    A collective with the parallel head: every rank calls it, rank 0 saves the result."""
+    opt = optimizer.state_dict()
+    if not parts.parallel:
+        return parts.head.state_dict(), opt
+    head = {"weight": _gather_rows(parts.head.weight, num_classes, world)}
+    i = parts.head_index()
+    entry = opt["state"].get(i)
+    # every rank has stepped equally often, so all hold a momentum buffer or none does
+    if entry is not None and entry.get("momentum_buffer") is not None:
+        opt = {**opt, "state": {**opt["state"], i: {**entry, "momentum_buffer":
+                                                    _gather_rows(entry["momentum_buffer"], num_classes, world)}}}
+    return head, opt
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict, parts: _Parts) -> None:
+    """Restore a checkpoint's optimizer state; the parallel head takes its rows of the full
+    momentum of the centres."""
+    if parts.parallel:
+        i = parts.head_index()
+        entry = saved["state"].get(i)
+        if entry is not None and entry.get("momentum_buffer") is not None:
+            mom = entry["momentum_buffer"][parts.head.class_start:parts.head.class_end].clone()
+            saved = {**saved, "state": {**saved["state"], i: {**entry, "momentum_buffer": mom}}}
+    optimizer.load_state_dict(saved)
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -145,7 +276,7 @@ def _needs_prototypes(cfg: TrainConfig, epoch: int) -> bool:
     return method == "bct" or (method == "unibct" and epoch >= min(cfg.compat.refine_epochs, default=10**9))
 
 
-def _live_prototypes(cfg: TrainConfig, run: dict, model: torch.nn.Module, epoch: int, refine: bool,
+def _live_prototypes(cfg: TrainConfig, run: dict, backbone: torch.nn.Module, epoch: int, refine: bool,
                      rank: int, world: int, device: torch.device) -> torch.Tensor:
     """Prototypes for ``epoch`` built inside the loop: rank 0 builds, every rank loads."""
     from dataclasses import replace
@@ -156,7 +287,6 @@ def _live_prototypes(cfg: TrainConfig, run: dict, model: torch.nn.Module, epoch:
     if rank == 0:
         # A worker's working directory is not the driver's: the old checkpoint by absolute path.
         cfg = replace(cfg, compat=replace(cfg.compat, old_checkpoint=run["old_checkpoint"]))
-        backbone = _unwrap(model).backbone
         weights = {"state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
                    "model_spec": {"name": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
                                   "input_size": cfg.data.image_size, "dropout": cfg.model.dropout}}
@@ -187,27 +317,26 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
     import ray.train
 
     from unibct_ray.compat.losses import CompatLoss
-    from unibct_ray.training import NonFiniteGuard, train_step
+    from unibct_ray.training import NonFiniteGuard, device_images, train_step
 
     cfg = from_dict(run["config"])
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts anyway)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
-    model = _build(cfg, run["num_classes"])
-    if state is not None:
-        model.backbone.load_state_dict(state["model"])
-        model.head.load_state_dict(state["head"])
-    model = ray.train.torch.prepare_model(model)
-    params_backbone = list(_unwrap(model).backbone.parameters())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest conv kernels once
+    parts = _build_parts(cfg, run["num_classes"], rank, world, device, state, ray.train.torch.prepare_model)
+    model = parts.model
+    params_backbone = list(parts.backbone.parameters())
     optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.effective_lr,
+        parts.trainable(), lr=cfg.effective_lr,
         momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
     )
     first_epoch, end_epoch = run["first_epoch"], run["end_epoch"]
     step = 0
     metrics: dict[str, Any] = {}
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(optimizer, state["optimizer"], parts)
         first_epoch = max(first_epoch, int(state["epoch"]))
         step = int(state["step"])
         metrics = json.loads(state["metrics"])
@@ -222,14 +351,16 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
         if stored is not None:
             prototypes = stored.float().to(device)  # resumed after a refinement: keep its result
         elif first_epoch < end_epoch:
-            prototypes = _live_prototypes(cfg, run, model, first_epoch, False, rank, world, device)
+            prototypes = _live_prototypes(cfg, run, parts.backbone, first_epoch, False, rank, world, device)
     compat = CompatLoss(cfg.compat.method, weight=cfg.compat.weight, l2_margin=cfg.compat.l2_margin,
                         scale=cfg.compat.scale, margin=cfg.compat.margin)
     steps_per_epoch = run["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     use_amp = cfg.use_gpu and cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    # bf16 has float32's exponent range: no loss scaling
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
 
     guard = NonFiniteGuard(cfg.optim.nonfinite_steps, cfg.name)
 
@@ -246,7 +377,7 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
         if in_loop and epoch in cuts:
             if rank == 0:
                 print(f"[{cfg.name}] epoch {epoch}: new prototypes from the live weights", flush=True)
-            prototypes = _live_prototypes(cfg, run, model, epoch, True, rank, world, device)
+            prototypes = _live_prototypes(cfg, run, parts.backbone, epoch, True, rank, world, device)
         model.train()
         w = compat.weight_at(epoch, cfg.compat.refine_epochs)
         sums = torch.zeros(5, dtype=torch.float64)  # loss, head, compat, images, applied steps
@@ -259,19 +390,24 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
             # Before this rank asks for the epoch's data, which Ray Data starts only when every
             # rank has asked: every decode task of the epoch reads this epoch for its flips.
             set_epoch_clock(run["epoch_clock"], epoch)
+        # pinned host batches: the copy to the GPU runs asynchronously (Ray Data's own pinning)
+        pin = {"pin_memory": True} if device.type == "cuda" else {}
         for batch in shard.iter_torch_batches(batch_size=cfg.per_worker_batch, drop_last=True, device=device,
-                                              **shuffle):
+                                              **pin, **shuffle):
             if n_steps >= steps_per_epoch:
                 break  # equal step counts on every rank, or DDP would wait forever
             lr = poly_lr(cfg.effective_lr, step, total_steps, cfg.optim.poly_power, warmup)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             y = batch["label"]
-            r = train_step(model, optimizer, batch["image"], y, compat=compat, weight=w,
+            x = device_images(batch["image"], batch.get(FLIP_COLUMN),
+                              channels_last=cfg.channels_last and device.type == "cuda")
+            r = train_step(model, optimizer, x, y, compat=compat, weight=w,
                            old_features=batch.get(OLD_FEATURE_COLUMN), prototypes=prototypes,
                            clip_params=params_backbone, clip_norm=cfg.optim.clip_grad_norm,
                            scaler=scaler, autocast_device="cuda" if use_amp else None,
-                           agree=agree)
+                           agree=agree, amp_dtype=amp_dtype,
+                           head=functools.partial(parts.head, step=step) if parts.parallel else None)
             guard.update(r, step, epoch)  # raises after optim.nonfinite_steps NaN/inf steps in a row
             step += 1
             n_steps += 1
@@ -293,32 +429,37 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
             "steps": n_steps,
             "epoch_s": elapsed,
         }
+        full = _full_state(parts, optimizer, run["num_classes"], world)  # a collective: every rank
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(Path(d) / CHECKPOINT_FILE,
-                                _payload(run, index, model, optimizer, epoch + 1, step, prototypes, metrics))
+                                _payload(run, index, parts, full, epoch + 1, step, prototypes, metrics))
                 atomic_write_text(Path(d) / "meta.json", json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
                 _append_metrics(Path(run["run_dir"]) / "metrics.csv", metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-    if in_loop and rank == 0:
-        # The run's result, written where the driver (and any later resume) looks for it.
-        save_checkpoint(Path(run["run_dir"]) / "final.pt",
-                        _payload(run, index, model, optimizer, end_epoch, step, prototypes, metrics))
+    if in_loop:
+        full = _full_state(parts, optimizer, run["num_classes"], world)
+        if rank == 0:
+            # The run's result, written where the driver (and any later resume) looks for it.
+            save_checkpoint(Path(run["run_dir"]) / "final.pt",
+                            _payload(run, index, parts, full, end_epoch, step, prototypes, metrics))
 
 
-def _payload(run: dict, index: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+def _payload(run: dict, index: int, parts: _Parts, full: tuple[dict, dict], epoch: int,
              step: int, prototypes: torch.Tensor | None, metrics: dict) -> dict[str, Any]:
-    inner = _unwrap(model)
+    """A checkpoint: the backbone, the FULL head and optimizer state (``full``, from
+    :func:`_full_state`), so any world size and either head mode can resume it."""
+    head, opt = full
     return {
         "config": json.dumps(run["config"]),
         "epoch": epoch,
         "step": step,
         "num_classes": run["num_classes"],
-        "model": inner.backbone.state_dict(),
-        "head": inner.head.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": parts.backbone.state_dict(),
+        "head": head,
+        "optimizer": opt,
         "prototypes": prototypes.cpu() if prototypes is not None else None,
         "metrics": json.dumps(metrics),
         "group_index": index,

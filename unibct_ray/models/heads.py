@@ -30,6 +30,10 @@ __all__ = [
     "NormalizedClassifier",
     "Reducer",
     "sharded_cross_entropy",
+    "class_range",
+    "all_gather_rows",
+    "init_centres",
+    "ParallelMarginHead",
 ]
 
 MarginFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -113,7 +117,7 @@ class NormalizedClassifier(nn.Module):
     """
 
     def __init__(self, num_classes: int, embedding_size: int, margin: MarginFn,
-                 class_start: int = 0, class_end: int | None = None) -> None:
+                 class_start: int = 0, class_end: int | None = None, init_seed: int | None = None) -> None:
         super().__init__()
         class_end = num_classes if class_end is None else class_end
         if not 0 <= class_start <= class_end <= num_classes:
@@ -124,17 +128,27 @@ class NormalizedClassifier(nn.Module):
         self.class_start = int(class_start)
         self.class_end = int(class_end)
         self.margin = margin
-        self.weight = nn.Parameter(torch.empty(self.class_end - self.class_start, embedding_size))
-        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+        if init_seed is None:
+            self.weight = nn.Parameter(torch.empty(self.class_end - self.class_start, embedding_size))
+            nn.init.normal_(self.weight, mean=0.0, std=0.01)
+        else:
+            self.weight = nn.Parameter(init_centres(self.class_start, self.class_end, embedding_size, init_seed))
 
     def local_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Global labels ``[b]`` -> shard-local ``[b]`` (-1 where the class is in another shard)."""
         inside = (labels >= self.class_start) & (labels < self.class_end)
         return torch.where(inside, labels - self.class_start, torch.full_like(labels, -1))
 
-    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``cos [b, C_shard]`` between normalised embeddings and normalised centres."""
-        return F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T
+    def cosine(self, embeddings: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``cos [b, C_shard]`` between normalised embeddings and normalised centres (``weight``:
+        a subset of the rows instead of all of them).
+
+        Computed in at least float32 even under autocast: a margin of 0.5 rad on fp16 cosines
+        (3 significant digits) and a scale of 64 would round the target logit by ~0.06."""
+        w = self.weight if weight is None else weight
+        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, w.dtype), torch.float32)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(w.to(dtype), dim=1).T
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``embeddings [b, d]``, global ``labels [b]`` -> scaled, margined logits ``[b, C_shard]``."""
@@ -245,3 +259,150 @@ def sharded_cross_entropy(local_logits: torch.Tensor, local_labels: torch.Tensor
         )
     reducer = Reducer.for_group(group) if reducer is None else reducer
     return _ShardedCrossEntropy.apply(local_logits, local_labels, reducer)
+
+
+# Rows of the class centres drawn per generator: the initial centres then depend only on the
+# seed and the class, not on how the classes are split over ranks.
+_INIT_BLOCK = 4096
+
+
+def init_centres(class_start: int, class_end: int, embedding_size: int, seed: int) -> torch.Tensor:
+    """Rows ``[class_start, class_end)`` of the seeded initial centres ``N(0, 0.01)``: float32
+    ``[class_end - class_start, d]``, equal to the same rows of ``init_centres(0, C, d, seed)``.
+
+    Rows are drawn in blocks of 4096 classes, each from its own generator seeded by
+    ``(seed, block)``, so a rank materialises only the blocks its slice touches."""
+    out = torch.empty(class_end - class_start, embedding_size)
+    block = class_start // _INIT_BLOCK
+    while block * _INIT_BLOCK < class_end:
+        lo, hi = block * _INIT_BLOCK, (block + 1) * _INIT_BLOCK
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + block) % (2**63 - 1))
+        # always a whole block: torch's CPU normal sampler draws differently for other sizes
+        rows = torch.randn(_INIT_BLOCK, embedding_size, generator=g) * 0.01
+        a, b = max(lo, class_start), min(hi, class_end)
+        out[a - class_start:b - class_start] = rows[a - lo:b - lo]
+        block += 1
+    return out
+
+
+def class_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous classes ``[start, end)`` rank ``rank`` of ``world`` holds: the first
+    ``C mod world`` ranks hold one class more than the others."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    base, extra = divmod(int(num_classes), int(world))
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Forward: the rows of every rank, concatenated in rank order ``[world * b, ...]``.
+    Backward: the gradient of the whole gathered tensor is summed over ranks (each rank's
+    loss saw every row) and each rank keeps its own rows, times ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, grad_scale: float) -> torch.Tensor:
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        ctx.group, ctx.rank, ctx.rows, ctx.scale = group, dist.get_rank(group), x.shape[0], grad_scale
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()  # all_reduce is in place: autograd owns ``grad``
+        dist.all_reduce(total, group=ctx.group)
+        own = total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return (own * ctx.scale if ctx.scale != 1.0 else own), None, None
+
+
+def all_gather_rows(x: torch.Tensor, group: Any = None, grad_scale: float = 1.0) -> torch.Tensor:
+    """``x [b, ...]`` on each of ``world`` ranks (the same ``b`` everywhere) -> ``[world * b, ...]``
+    in rank order, with a gradient: rank ``r`` receives ``grad_scale * sum_k dL_k/dx_r``.
+
+    ``grad_scale = world`` undoes DDP's gradient average for a loss that is already the mean
+    over the gathered rows (see :class:`ParallelMarginHead`). Without an initialised process
+    group (or with one rank) ``x`` itself is returned."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return x
+    if not x.requires_grad:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+    return _AllGatherRows.apply(x, group, float(grad_scale))
+
+
+class ParallelMarginHead(nn.Module):
+    """A model-parallel margin head: rank ``r`` of ``world`` holds the centres of the classes
+    :func:`class_range` gives it, ``weight [C_r, d]``, and never exchanges them.
+
+    Each step the embeddings ``[b, d]`` and labels ``[b]`` of all ranks are all-gathered
+    (``[world * b, d]``), every rank computes the margin logits of all rows against its own
+    centres, and :func:`sharded_cross_entropy` gives the exact softmax cross-entropy over all
+    ``C`` classes (a max and a sum all-reduce of ``[world * b]`` per-row values). The loss is
+    the mean over the ``world * b`` rows, identical on every rank; the centres' gradient is
+    local; the embeddings' gradient flows back through the all-gather to the rank that
+    produced each row. With ``world == 1`` this is the plain full-head cross-entropy.
+
+    ``sample_rate < 1`` keeps, per step, the rank's positive classes plus a random subset of
+    its other classes, ``ceil(sample_rate * C_r)`` columns in all (at least the positives),
+    drawn from a generator seeded by ``(seed, step, class_start)``: the softmax runs over the
+    kept columns of all ranks (Partial FC); the other centres get no gradient that step.
+
+    ``grad_scale``: factor on the embeddings' gradient; ``world`` when the backbone's gradients
+    are averaged by DDP afterwards (the loss is already the global mean, so the average would
+    divide the backbone's gradient by ``world`` once too often).
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: MarginFn, rank: int = 0, world: int = 1,
+                 *, sample_rate: float = 1.0, seed: int = 0, group: Any = None, grad_scale: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        start, end = class_range(num_classes, rank, world)
+        self.classifier = NormalizedClassifier(num_classes, embedding_size, margin, start, end, init_seed=seed)
+        self.rank, self.world, self.group = int(rank), int(world), group
+        self.sample_rate, self.seed, self.grad_scale = float(sample_rate), int(seed), float(grad_scale)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.classifier.weight
+
+    @property
+    def class_start(self) -> int:
+        return self.classifier.class_start
+
+    @property
+    def class_end(self) -> int:
+        return self.classifier.class_end
+
+    def _sample(self, local: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept local columns ``[k]`` (sorted) and the labels remapped to them ``[B]``."""
+        n = self.class_end - self.class_start
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) * 10_007 + self.class_start)
+        score = torch.rand(n, generator=g).to(local.device)
+        pos = torch.unique(local[local >= 0])
+        score[pos] = 2.0  # positives always kept
+        k = min(n, max(math.ceil(self.sample_rate * n), int(pos.numel())))
+        keep = torch.topk(score, k, sorted=False).indices.sort().values
+        where = torch.searchsorted(keep, local.clamp(min=0))
+        return keep, torch.where(local >= 0, where, torch.full_like(local, -1))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Local ``embeddings [b, d]`` and global ``labels [b]`` -> the scalar loss over all ranks' rows."""
+        emb = all_gather_rows(embeddings, self.group, self.grad_scale) if self.world > 1 else embeddings
+        y = all_gather_rows(labels, self.group) if self.world > 1 else labels
+        local = self.classifier.local_labels(y)
+        weight = self.weight
+        if self.sample_rate < 1.0:
+            keep, local = self._sample(local, step)
+            weight = weight[keep]
+        logits = self.classifier.margin(self.classifier.cosine(emb, weight), local)
+        reducer = Reducer.for_group(self.group) if self.world > 1 else Reducer()
+        return sharded_cross_entropy(logits, local, reducer=reducer)
