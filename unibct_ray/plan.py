@@ -24,6 +24,9 @@ Memory: :func:`train_worker_memory` and :func:`extract_actor_memory` estimate th
 bytes of one train worker and one extraction actor from the config (validated against measured
 processes by ``unibct-ray bench plan``). They are printed, and a node whose processes add up to
 more than its memory gives a warning, not a refusal.
+
+Why one file of ~650 lines: every phase is placed on one simulated cluster state (node by node,
+GPU device by device) with Ray's rules; split up, each phase would re-derive that state.
 """
 
 from __future__ import annotations

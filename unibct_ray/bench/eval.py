@@ -27,6 +27,9 @@ Sides, each in its own subprocess so that its peak RSS (``ru_maxrss``) is its ow
 
 Both sides get identical data (same seed). Data generation is excluded from the timings
 but included in the peak RSS of ours/public (it is the features' own memory).
+
+Why one file of ~640 lines: the public algorithm (re-implemented plainly, as the reference), the
+full-scale synthetic IJB-C and the CLI runner belong to one side-by-side measurement.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ Without CUDA the command exits 2 with one line, unless ``--allow-cpu``: then eve
 on the CPU at smoke sizes (tiny backbone, a few steps; the same code paths, no goals).
 Runs as ``unibct-ray bench gpu`` or ``python -m unibct_ray.bench.gpu`` from a checkout
 (``PYTHONPATH=.``); it needs torch, ray, pyarrow and pillow, not faiss.
+
+Why one file of ~620 lines: a GPU machine without this project's venv runs the whole check as
+``python -m unibct_ray.bench.gpu``; its phases share the data set, the timing and the GPU
+memory sampler.
 """
 
 from __future__ import annotations

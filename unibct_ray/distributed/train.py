@@ -31,6 +31,10 @@ other inference pass (old features, evaluation), the workers keep their state (o
 data iterators, DDP process group) untouched while rank 0 drives the pass, and the pool
 overlaps JPEG decode on the actors' CPUs with the forward passes on the GPU share. The cost
 is that the other ranks' GPUs carry only one small actor each during the pass.
+
+Why one file of ~900 lines: the driver (phases, groups, the plan check, old features) and the
+worker loop share one run contract (the ``run`` dict, checkpoint payloads, metrics rows); kept
+together, a change to that contract is made in one place. The math lives elsewhere.
 """
 
 from __future__ import annotations
