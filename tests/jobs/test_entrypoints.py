@@ -38,9 +38,12 @@ def load_job(name: str):
 train_job, eval_job, prep_job = (load_job(n) for n in JOBS)
 
 
-def make_shards(path: Path, sizes: list[int], rows_per_shard: int = 7) -> pa.Table:
-    """A shard set in class order (image bytes are placeholders: nothing here decodes them)."""
+def make_shards(path: Path, sizes: list[int], rows_per_shard: int = 7, seed: int | None = None) -> pa.Table:
+    """A shard set in class order, or rows permuted with ``seed`` as ``data convert`` writes them
+    (image bytes are placeholders: nothing here decodes them)."""
     labels = np.repeat(np.arange(len(sizes)), sizes).astype(np.int64)
+    if seed is not None:
+        labels = np.random.default_rng(seed).permutation(labels)
     table = pa.table({"image": [b"\xff\xd8img%d" % i for i in range(len(labels))], "label": labels,
                       "index": np.arange(1, len(labels) + 1, dtype=np.int64),
                       "source_label": labels + 100})
@@ -146,6 +149,23 @@ def test_train_smoke_takes_the_first_batches(tmp_path, method):
         assert (cfg.optim.epochs, cfg.compat.refine_epochs) == (2, (1,))
     else:
         assert cfg.optim.epochs == 1
+
+
+def test_train_smoke_renumbers_the_classes_of_a_class_mixed_set(tmp_path):
+    src = make_shards(tmp_path / "shards", [5, 9, 3, 12, 6, 8, 4, 7], seed=3)  # rows mixed, as data convert writes
+    cfg_path = write_cfg(tmp_path)
+    a = train_job.build_parser().parse_args(["--config", str(cfg_path), "--smoke-test", "--set", "global_batch=4",
+                                             "--num-workers", "2"])
+    train_job.prepare_smoke(a)
+    m = read_manifest(tmp_path / "runs" / "toy-smoke" / "data")
+    got = pa.concat_tables([pq.read_table(f) for f in m.files])
+    first = src.slice(0, 16)
+    seen = sorted(set(first.column("label").to_pylist()))
+    assert len(seen) < 8  # the sample misses a class, so ids must be renumbered
+    assert m.classes == len(seen)
+    assert got.column("label").to_pylist() == [seen.index(x) for x in first.column("label").to_pylist()]
+    for col in ("image", "index", "source_label"):  # everything else is the first rows unchanged
+        assert got.column(col).equals(first.column(col))
 
 
 def test_train_smoke_needs_the_old_checkpoint(tmp_path):

@@ -1,10 +1,12 @@
 """The first rows of a shard set as a new, small shard set (what a job's ``--smoke-test`` trains on).
 
-Shard sets keep class order (``data convert`` writes consecutive keys, ``data split`` keeps
-source-class order), so the first ``rows`` rows hold whole classes ``0..c-2`` and the first
-images of class ``c-1``, with labels already contiguous from 0. Every column is kept, so the
-subset runs the same loaders, the same ``source_label`` matching and the same training code
-as the full set.
+``data convert`` writes classes mixed (a seeded permutation; ``--record-order`` keeps class
+order) and ``data split`` keeps its source's row order, so the first ``rows`` rows are a sample
+of many classes, or, in class order, whole classes and the start of one more. Either way the
+subset's ``label`` is renumbered ``0..k-1`` over the classes it holds (in increasing id order:
+the identity for a class-ordered set). Every other column is kept, ``source_label`` included, so
+the subset runs the same loaders, the same old/new class matching and the same training code as
+the full set.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ def take_rows(src: str | os.PathLike, dst: str | os.PathLike, rows: int, *, over
             break
     table = pa.concat_tables(parts)
     labels = table.column("label").to_numpy()
-    if len(labels) and (labels.min() < 0 or np.any(np.diff(labels) < 0)):
-        raise DataFormatError(f"{m.path}: labels are not in class order (a subset of the first rows "
-                              "would not hold whole classes)")
+    if len(labels) and labels.min() < 0:
+        raise DataFormatError(f"{m.path}: negative label {int(labels.min())} in the first {n} rows")
+    classes, dense = np.unique(labels, return_inverse=True)
+    table = table.set_column(table.column_names.index("label"), "label", pa.array(dense.astype(np.int64)))
     with StagedDir(dst, overwrite=overwrite) as stage:
         info = write_shard(stage.path / shard_name(0), table)
-        write_manifest(stage.path, [info], rows=table.num_rows, classes=int(labels.max()) + 1,
+        write_manifest(stage.path, [info], rows=table.num_rows, classes=len(classes),
                        columns=list(table.column_names), subset={"source": str(m.path), "first_rows": n})
         stage.commit()
     return read_manifest(dst)
