@@ -15,42 +15,20 @@ same peak for 2x the images.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["add_arguments", "run"]
 
 
 def _write_shards(out: Path, n: int) -> Path:
-    import pyarrow as pa
-    from PIL import Image
+    """``n`` rows of 112 px JPEGs (64 distinct), 50 per class, 5,000 per file."""
+    from unibct_ray.bench.common import jpeg_shards
 
-    from unibct_ray.data.shards import SHARD_SCHEMA, shard_name, write_manifest, write_shard
-
-    src = out / "shards"
-    if (src / "manifest.json").exists():
-        return src
-    src.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    jpegs = []
-    for _ in range(64):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-        jpegs.append(buf.getvalue())
-    infos = []
-    for s in range(0, n, 5000):
-        k = min(5000, n - s)
-        table = pa.table({"image": [jpegs[i % 64] for i in range(k)], "label": np.arange(s, s + k) // 50,
-                          "index": np.arange(s, s + k) + 1}, schema=SHARD_SCHEMA)
-        infos.append(write_shard(src / shard_name(len(infos)), table))
-    write_manifest(src, infos, rows=n, classes=(n + 49) // 50, columns=["image", "label", "index"])
-    return src
+    return jpeg_shards(out / "shards", n, size=112, distinct=64, per_class=50, rows_per_shard=5000)
 
 
 def _pss_by_process(raylet: int) -> dict[str, int]:

@@ -14,38 +14,21 @@ extraction actor, the estimate of :func:`unibct_ray.plan.train_worker_memory` /
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["add_arguments", "run"]
 
 
 def _write_shards(out: Path, rows: int, classes: int, size: int) -> Path:
-    import pyarrow as pa
-    from PIL import Image
+    """``rows`` rows of JPEGs (32 distinct) over at most ``classes`` classes, in one file."""
+    from unibct_ray.bench.common import jpeg_shards
 
-    from unibct_ray.data.shards import SHARD_SCHEMA, shard_name, write_manifest, write_shard
-
-    src = out / f"shards-{rows}-{size}"
-    if (src / "manifest.json").exists():
-        return src
-    src.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    jpegs = []
-    for _ in range(32):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-        jpegs.append(buf.getvalue())
-    table = pa.table({"image": [jpegs[i % 32] for i in range(rows)], "label": np.arange(rows) * classes // rows,
-                      "index": np.arange(rows) + 1}, schema=SHARD_SCHEMA)
-    write_manifest(src, [write_shard(src / shard_name(0), table)], rows=rows, classes=classes,
-                   columns=["image", "label", "index"])
-    return src
+    per_class = -(-rows // classes)  # ceil: the last class may be short, never one too many
+    return jpeg_shards(out / f"shards-{rows}-{size}", rows, size=size, distinct=32, per_class=per_class,
+                       rows_per_shard=rows)
 
 
 class _Sampler:
