@@ -18,6 +18,7 @@ optimizer's momentum buffers after the steps, beside ``C_r x d x 4 x (1 + optimi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import socket
@@ -98,7 +99,7 @@ def _worker(rank: int, world: int, port: int, mode: str, a: dict, out: str) -> N
         "head_bytes_measured": head_bytes,
     }
     if rank == 0:
-        torch.save(res, out)
+        Path(out).write_text(json.dumps(res))  # numbers only: JSON, never a pickle
     dist.destroy_process_group()
 
 
@@ -111,7 +112,6 @@ def _free_port() -> int:
 def bench_head(classes: int = 93_431, d: int = 512, world: int = 2, batch: int = 64, size: int = 32,
                backbone: str = "tiny", steps: int = 3, warmup: int = 1, threads: int = 1) -> dict:
     """Both head modes on ``world`` gloo processes; one dict of figures per mode."""
-    import torch
     import torch.multiprocessing as mp
 
     a = {"classes": classes, "d": d, "batch": batch, "size": size, "backbone": backbone, "steps": steps,
@@ -120,9 +120,9 @@ def bench_head(classes: int = 93_431, d: int = 512, world: int = 2, batch: int =
                  "backbone": f"{backbone} at {size} px", "load_avg_before": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("replicated", "parallel"):
-            path = str(Path(tmp) / f"{mode}.pt")
+            path = str(Path(tmp) / f"{mode}.json")
             mp.spawn(_worker, args=(world, _free_port(), mode, a, path), nprocs=world)
-            r = torch.load(path, weights_only=False)
+            r = json.loads(Path(path).read_text())
             rows = classes if mode == "replicated" else math.ceil(classes / world)
             r["head_bytes_formula"] = rows * d * 4 * (1 + 1)  # weights + SGD momentum
             b = batch
