@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
              "or float16, rows in ijbc_name_5pts_score.txt order, already emb + flip).\n\n"
              "Tests: self_old, self_new and cross (1:1: enrolment column OLD, verification NEW;\n"
              "1:N: galleries OLD, probes NEW). compatible = cross > self_old at --criterion-far\n"
-             "(and, with --bootstrap N, the 95%% interval of the difference above 0).\n"
+             "(and, with --bootstrap N, the 95% interval of the difference above 0).\n"
              "With --distractors N each gallery gets N distractor faces embedded by its own\n"
              "model (old galleries: old model, self_new: new model).\n"
              "Writes OUT/report.json, OUT/report.md, OUT/roc.png, OUT/cmc.png.",
