@@ -192,6 +192,8 @@ def test_checkpoint_distractors_embedded_by_each_model(ray_session, tmp_path):
     assert not np.allclose(embedded[old], embedded[new], atol=1e-2)  # two spaces, two embeddings
     emb = json.loads((out / "report.json").read_text())["protocol"]["distractor_embeddings"]
     assert emb == {"self_old": f"old model ({old})", "cross": f"old model ({old})", "self_new": f"new model ({new})"}
+    md = (out / "report.md").read_text()
+    assert "- flip: emb(img) + emb(flipped img), embedded here from the checkpoint" in md and "precomputed" not in md
 
 
 @pytest.mark.gpu

@@ -43,7 +43,7 @@ from unibct_ray.errors import DataFormatError, UserError, npy_error
 # ray, pyarrow and torch are imported where they are used: an evaluation of feature files
 # whose gallery fits one process runs without them (no Ray start, no torch import).
 
-__all__ = ["EvalArgs", "run_eval", "auto_shards", "load_feature_file", "checkpoint_features",
+__all__ = ["EvalArgs", "run_eval", "auto_shards", "flip_protocol", "load_feature_file", "checkpoint_features",
            "checkpoints_features"]
 
 #: Search work (gallery rows x probes x dim, per 1:N search) above which ``auto_shards``
@@ -420,6 +420,21 @@ def _render_distractors(checkpoints: list[Path], n: int, seed: int, cache_dir: P
     return result
 
 
+#: How each kind of model input became the per-image features the metrics read.
+_FLIP_BY_SOURCE = {
+    "checkpoint": "emb(img) + emb(flipped img), embedded here from the checkpoint (5-point aligned crops)",
+    "features": "precomputed per-image features (taken as emb + emb(flipped))",
+}
+
+
+def flip_protocol(sources: dict[str, str]) -> str:
+    """The report's ``protocol.flip`` line: ``sources`` {"old"/"new": "checkpoint" | "features"}
+    says where each model's features came from (``per_model_text`` joins them)."""
+    from unibct_ray.metrics.evaluate import per_model_text
+
+    return per_model_text({side: _FLIP_BY_SOURCE[kind] for side, kind in sources.items()})
+
+
 def auto_shards(gallery_rows: int, probes: int, dim: int) -> int:
     """Gallery shards for a 1:N search of ``probes`` queries over ``gallery_rows`` rows of ``dim``.
 
@@ -533,6 +548,7 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
             for test, side in (("self_old", "old"), ("cross", "old"), ("self_new", "new")) if side in distractors
             and (test != "cross" or len(sides) == 2)}
     report.setdefault("protocol", {}).update({
+        "flip": flip_protocol({s: "checkpoint" if s in embed else "features" for s in sides}),
         "ijbc": str(meta.root), "index": a.index, "shards": shards, "distractors": a.distractors,
         "inference_device": f"GPU ({gpus:g} per actor, fp16 autocast)" if gpus else "CPU (float32)",
         "old": str(a.old_checkpoint or a.old_features or ""), "new": str(a.new_checkpoint or a.new_features or ""),
