@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
              "see jobs/configs/synthetic/tune-unibct.yaml.\n\n"
              "Writes DIR = STORAGE/NAME of the tune file: tune.md (trials table, best or Pareto set),\n"
              "trials.json, best.yaml (cross) or pareto/<trial>.yaml (pareto): whole train configs for\n"
-             "`unibct-ray train --config`, pareto.png (cross vs self_new), trials/<trial>/ (runs).\n"
+             "`unibct-ray train --config`, pareto.png (cross vs self_new), trials/<trial>/ (all of a\n"
+             "trial: its training run, validation reports and Ray Tune's log of it).\n"
              "--resume DIR continues an interrupted experiment: finished trials are kept, the others\n"
              "run again from their last training checkpoint.",
              _cmd_tune)

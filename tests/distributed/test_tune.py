@@ -102,7 +102,7 @@ def test_sweep_killed_after_a_trial_resumes_and_finishes(sweep_inputs, ray_sessi
     t0 = time.monotonic()
     proc = tune_cli(ray_session, "--config", str(tmp / "tune.yaml"), "--num-samples", str(NUM_SAMPLES))
     try:
-        while not (finished := list((exp / "trials").glob("*/result.json"))):
+        while not (finished := list((exp / "trials").glob("*/final_result.json"))):
             assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{proc.stdout.read()}"
             assert time.monotonic() - t0 < TIMEOUT_S, "no trial finished in time"
             time.sleep(0.2)
@@ -132,7 +132,9 @@ def test_sweep_killed_after_a_trial_resumes_and_finishes(sweep_inputs, ray_sessi
     assert doc["done"] and doc["num_samples"] == NUM_SAMPLES
     trials = {t["trial_id"]: t for t in doc["trials"]}
     assert len(trials) == NUM_SAMPLES and all(t["state"] == "TERMINATED" and t["final"] for t in trials.values())
-    assert {p.parent.name for p in (exp / "trials").glob("*/result.json")} == set(trials)
+    assert {p.parent.name for p in (exp / "trials").glob("*/final_result.json")} == set(trials)
+    # one home per trial: Ray Tune's log of it sits in the trial's run directory
+    assert not list(exp.glob("trial-*")) and all((exp / "trials" / t / "params.json").is_file() for t in trials)
     # the trial that finished before the kill was not trained or evaluated again ...
     attempts = (first / "attempts.log").read_text().splitlines()
     assert sum(line.endswith(" train") for line in attempts) == 1, attempts
