@@ -31,6 +31,11 @@ def _sub(subparsers: argparse._SubParsersAction, name: str, help: str, descripti
     return p
 
 
+def _note(msg: str) -> None:
+    """A line about something the command adjusted for the user (it goes on; not an error)."""
+    print(f"unibct-ray: note: {msg}", file=sys.stderr, flush=True)
+
+
 def _ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
@@ -97,7 +102,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from unibct_ray.distributed.runtime import ensure_ray
     from unibct_ray.distributed.train import check_inputs, train
 
-    cfg = load_config(a.config, a.set or [])
+    cfg = load_config(a.config, a.set or [], note=_note)
     if a.num_workers is not None or a.use_gpu:
         from dataclasses import replace
 
@@ -195,7 +200,8 @@ def _cmd_tune(a: argparse.Namespace) -> int:
         raise UserError("--objective/--max-concurrent/--set cannot change a resumed experiment (it keeps its recipe)")
     spec = None
     if a.config is not None:
-        spec = load_tune_spec(a.config, objective=a.objective, max_concurrent=a.max_concurrent, sets=a.set or [])
+        spec = load_tune_spec(a.config, objective=a.objective, max_concurrent=a.max_concurrent, sets=a.set or [],
+                              note=_note)
     if a.plan:
         if a.resume is not None:
             spec, _, _ = open_experiment(spec, a.num_samples, a.resume)
