@@ -182,7 +182,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                     new_distractor_features=a.new_distractor_features, index=a.index,
                     shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite,
                     cache_dir=a.cache_dir, use_gpu=a.use_gpu, gpus_per_actor=a.gpus_per_actor, batch_size=a.batch_size)
-    r = run_eval(args, connect=connect)
+    r = run_eval(args, connect=connect, log=lambda msg: print(f"[eval] {msg}", flush=True))
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
     return 0

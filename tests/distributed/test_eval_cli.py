@@ -50,6 +50,16 @@ def test_eval_from_features(ijbc_dir, tmp_path, capsys):
                  "--shards", "2", "--distractors", "50", "--distractor-features", str(tmp_path / "old.npy"),
                  "--new-distractor-features", str(tmp_path / "new.npy")])
     assert code == 0, capsys.readouterr().err
+    # a line per phase, with counts and times, then the report line
+    printed = capsys.readouterr().out.splitlines()
+    phases = [line.split(" ")[1].rstrip(":") for line in printed if line.startswith("[eval] ")]
+    assert phases == ["IJB-C", "Ray", "distractors", "distractors", "scoring", "metrics"], printed
+    meta = ijbc.read_ijbc_meta(ijbc_dir)
+    assert f"{len(meta.image_names)} images, " in printed[0] and f"{len(meta.pair_labels)} 1:1 pairs" in printed[0]
+    assert any(line.startswith("[eval] scoring self_old, self_new, cross: 1:1 over ") and "40 bootstrap" in line
+               for line in printed)
+    assert any(line.startswith("[eval] metrics in ") and "bootstrap" in line for line in printed)
+    assert printed[-1].startswith("report: ")
     rep = json.loads((out / "report.json").read_text())
     for test in ("self_old", "self_new", "cross"):
         assert set(rep["verification"][test]) == {"1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"}
