@@ -613,6 +613,20 @@ def _worker_error_line(e: BaseException) -> str:
     return lines[0] if lines else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def _start_line(cfg: TrainConfig, runs: list[dict]) -> str:
+    """What a ``fit()`` is preparing, printed before it: starting the workers and the input
+    pipeline takes ~20 s before the first step, and the first epoch line comes after that."""
+    r = runs[0]
+    if len(runs) == 1:
+        a, b = r["first_epoch"] + 1, r["end_epoch"]
+        who, what = r["config"]["name"], (f"epoch {a}" if a == b else f"epochs {a}-{b}") + f" of {cfg.optim.epochs}"
+    else:
+        who, what = "group", f"{len(runs)} runs"
+    workers = f"{cfg.num_workers} Ray Train worker{'s' if cfg.num_workers != 1 else ''} ({'GPU' if cfg.use_gpu else 'CPU'})"
+    return (f"[{who}] {what}: starting {workers} and the Ray Data input pipeline ({r['steps_per_epoch']} steps "
+            f"of {cfg.global_batch} images per epoch); a line follows each epoch")
+
+
 def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str,
          tails: list[tuple[Path, str, int]]) -> Path:
     """One ``TorchTrainer.fit()`` of ``loop`` (storage ``run_dir/phase``) -> its last checkpoint.
@@ -622,6 +636,8 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
 
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    print(_start_line(cfg, loop["runs"]), flush=True)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
