@@ -44,12 +44,12 @@ from typing import Any
 from ray import tune
 
 from unibct_ray.config import TrainConfig
-from unibct_ray.distributed.train import OLD_FEATURES_DIR
+from unibct_ray.distributed.train import OLD_FEATURES_DIR, MetricsTail, epoch_line
 from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import UserError
 from unibct_ray.tuning import SPEC_FILE, TrialRecord, TuneSpec, check_validation, objective_value, write_outputs
 
-__all__ = ["run_tune", "run_trial", "check_tune_plan", "TuneOutputs", "TRIALS_DIR"]
+__all__ = ["run_tune", "run_trial", "check_tune_plan", "TuneOutputs", "TrialProgress", "TRIALS_DIR"]
 
 TRIALS_DIR = "trials"
 CACHE_DIR = "cache"
@@ -194,6 +194,67 @@ class TuneOutputs(tune.Callback):
         self._write(trials, done=True)
 
 
+class TrialProgress(tune.Callback):
+    """Prints, on the driver, each running trial's epochs and the validation TARs it reports
+    at the ASHA rungs (its final TARs are the ``TuneOutputs`` line when it ends).
+
+    A trial's own output does not reach the quiet driver, and Tune hears from a trial only when
+    it reports; the epochs are read from the trial's ``metrics.csv`` (shared storage, as for
+    ``train``'s own progress lines), every 2 s while trials run.
+    """
+
+    POLL_S = 2.0
+
+    def __init__(self, spec: dict, exp_dir: str):
+        self.spec, self.exp_dir = spec, exp_dir
+        self._tails: dict[str, tuple[MetricsTail, int]] = {}
+        self._polled = 0.0
+
+    def _epochs(self, trial: Any) -> int:
+        s = TuneSpec.from_json(self.spec)
+        try:
+            return int(s.decode(trial.config).get("optim.epochs", s.base_config["optim"]["epochs"]))
+        except (KeyError, ValueError):
+            return int(s.base_config["optim"]["epochs"])
+
+    def _flush(self, trial_id: str) -> None:
+        tail, epochs = self._tails[trial_id]
+        for r in tail.new_rows():
+            print(f"[tune] trial {trial_id} {epoch_line(r, epochs)}", flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        path = Path(self.exp_dir) / TRIALS_DIR / trial.trial_id / "metrics.csv"
+        self._tails[trial.trial_id] = (MetricsTail(path), self._epochs(trial))
+        print(f"[tune] trial {trial.trial_id} started: {TuneSpec.from_json(self.spec).decode(trial.config)}", flush=True)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._polled < self.POLL_S:
+            return
+        self._polled = time.monotonic()
+        for trial_id in list(self._tails):
+            self._flush(trial_id)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if trial.trial_id in self._tails:
+            self._flush(trial.trial_id)
+        if result.get("final", True) or result.get("cross") is None:
+            return
+        far = TuneSpec.from_json(self.spec).far
+        print(f"[tune] trial {trial.trial_id} rung at epoch {result.get('epoch')}: TAR@FAR={far:g} cross "
+              f"{result['cross']:.4f}  self_new {result['self_new']:.4f}  self_old {result['self_old']:.4f}", flush=True)
+
+    def _end(self, trial: Any) -> None:
+        if trial.trial_id in self._tails:
+            self._flush(trial.trial_id)
+            del self._tails[trial.trial_id]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial)
+
+
 def _prepare(spec: TuneSpec, exp_dir: Path) -> None:
     """Check the validation set and extract what every trial shares, once, before any trial."""
     from unibct_ray.distributed.evaluate import checkpoint_features
@@ -290,7 +351,8 @@ def run_tune(spec: TuneSpec, num_samples: int, exp_dir: str | os.PathLike, *, re
                                         max_concurrent_trials=spec.max_concurrent,
                                         trial_dirname_creator=_trial_dirname, **tune_kw),
             run_config=tune.RunConfig(name=TRIALS_DIR, storage_path=str(exp_dir), verbose=0,
-                                      callbacks=[TuneOutputs(spec.to_json(), str(exp_dir), num_samples)],
+                                      callbacks=[TuneOutputs(spec.to_json(), str(exp_dir), num_samples),
+                                                 TrialProgress(spec.to_json(), str(exp_dir))],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     tuner.fit()
