@@ -102,7 +102,8 @@ def test_trial_progress_prints_epochs_and_rungs(tmp_path, capsys):
     epoch(1)
     cb.on_step_end(1, [trial])
     epoch(2)
-    cb.on_trial_result(2, [trial], trial, {"epoch": 2, "final": False, "cross": 0.41, "self_new": 0.52, "self_old": 0.4})
+    rung = {"epoch": 2, "final": False, "cross": 0.41, "self_new": 0.52, "self_old": 0.4}
+    cb.on_trial_result(2, [trial], trial, rung)
     cb.on_step_end(3, [trial])  # nothing new: nothing printed twice
     cb.on_trial_result(4, [trial], trial, {"epoch": 6, "final": True, "cross": 0.5, "self_new": 0.6, "self_old": 0.4})
     cb.on_trial_complete(5, [trial], trial)
