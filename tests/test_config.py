@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unibct_ray.config import TrainConfig, apply_overrides, from_dict, load_config, to_dict
+from unibct_ray.config import TrainConfig, apply_overrides, clamp_refine_epochs, from_dict, load_config, to_dict
 from unibct_ray.errors import ConfigError
 
 
@@ -44,7 +44,11 @@ def test_exponent_numbers_are_numbers(tmp_path):
     ("global_batch: 10\nnum_workers: 3\n", "global_batch: 10 is not divisible"),
     ("compat:\n  method: l2\n", "compat.old_checkpoint: required"),
     ("model:\n  backbone: r7\n", "model.backbone: must be one of"),
-    ("optim:\n  epochs: 5\ncompat:\n  method: unibct\n  old_checkpoint: o.pt\n  refine_epochs: [7]\n", "compat.refine_epochs"),
+    ("optim:\n  epochs: 5\ncompat:\n  method: unibct\n  old_checkpoint: o.pt\n  refine_epochs: [0]\n",
+     "compat.refine_epochs: every epoch must be in 1..4"),
+    ("optim:\n  epochs: 5\ncompat:\n  method: unibct\n  old_checkpoint: o.pt\n  refine_epochs: []\n",
+     "compat.refine_epochs: method 'unibct' needs at least one epoch"),
+    ("optim:\n  epochs: 1\ncompat:\n  method: unibct\n  old_checkpoint: o.pt\n", "optim.epochs: method 'unibct' needs at least 2"),
     ("- a\n- b\n", "expected a mapping"),
     ("a: [\n", "not valid YAML"),
 ])
@@ -97,3 +101,42 @@ def test_bad_override_and_missing_file(tmp_path):
         apply_overrides({}, ["optim.lr"])
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("refine,epochs,expected", [
+    ((10, 20), 35, (10, 20)),   # in range: unchanged
+    ((10, 20), 20, (10,)),      # 20 is the last epoch: nothing left to train on its prototypes
+    ((10, 20), 15, (10,)),
+    ((10, 20), 8, (4,)),        # none left: once, after 8 // 2
+    ((3, 6, 9), 7, (3, 6)),
+    ((2, 6), 3, (2,)),
+    ((2, 6), 2, (1,)),          # 2 // 2
+    ((6,), 3, (1,)),            # 3 // 2
+    ((), 5, ()),                # nothing to clamp (validation refuses it for unibct)
+])
+def test_clamp_refine_epochs(refine, epochs, expected):
+    assert clamp_refine_epochs(refine, epochs) == expected
+
+
+UNIBCT = "name: x\noptim:\n  epochs: 12\ncompat:\n  method: unibct\n  old_checkpoint: o.pt\n  refine_epochs: [2, 6]\n"
+
+
+def test_shorter_run_clamps_refine_epochs_with_one_note(tmp_path):
+    p = write(tmp_path, UNIBCT)
+    notes: list[str] = []
+    cfg = load_config(p, ["optim.epochs=2"], note=notes.append)
+    assert (cfg.optim.epochs, cfg.compat.refine_epochs) == (2, (1,))
+    assert notes == ["train.yaml (with --set): compat.refine_epochs [2, 6] -> [1] (optim.epochs is 2; "
+                     "a refinement must come before the last epoch)"]
+    notes.clear()
+    assert load_config(p, ["optim.epochs=5"], note=notes.append).compat.refine_epochs == (2,)
+    assert len(notes) == 1 and "[2, 6] -> [2]" in notes[0]
+    notes.clear()
+    assert load_config(p, note=notes.append).compat.refine_epochs == (2, 6) and notes == []  # in range: silent
+    # only unibct refines: another method keeps the key as written, without a note
+    cfg = load_config(p, ["compat.method=l2", "optim.epochs=2"], note=notes.append)
+    assert cfg.compat.refine_epochs == (2, 6) and notes == []
+    # a run too short for any refinement is still refused, and nothing is clamped first
+    with pytest.raises(ConfigError, match="optim.epochs: method 'unibct' needs at least 2 epochs"):
+        load_config(p, ["optim.epochs=1"], note=notes.append)
+    assert notes == []

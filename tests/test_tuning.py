@@ -110,6 +110,32 @@ def test_spec_paths_and_overrides(tmp_path):
     assert (cfg.name, cfg.storage, cfg.optim.epochs, cfg.compat.refine_epochs) == ("x", "/s", 10, (6,))
 
 
+def test_shorter_sweep_clamps_refine_epochs_like_train(tmp_path):
+    space = {"compat.weight": {"loguniform": [0.3, 3.0]},
+             "compat.refine_epochs": {"choice": [[2, 6], [4, 8], [3, 6, 9], [6]]}}
+    notes: list[str] = []
+    spec = load_tune_spec(tune_file(tmp_path, space=space), sets=["optim.epochs=4"], note=notes.append)
+    # base [2, 6] -> [2]; choices: [2, 6] -> [2], [4, 8] -> none left -> 4 // 2 = [2], [3, 6, 9] -> [3],
+    # [6] -> [2]; equal ones merged
+    assert spec.base_config["compat"]["refine_epochs"] == [2]
+    assert spec.param("compat.refine_epochs").choices == ([2], [3])
+    assert notes == [
+        "tune.yaml: overrides and --set: compat.refine_epochs [2, 6] -> [2] (optim.epochs is 4; "
+        "a refinement must come before the last epoch)",
+        "tune.yaml: space.compat.refine_epochs [[2, 6], [4, 8], [3, 6, 9], [6]] -> [[2], [3]] (optim.epochs is 4; "
+        "a refinement must come before the last epoch)"]
+    assert spec.train_config({"compat.refine_epochs": [3]}, name="x").compat.refine_epochs == (3,)
+    # at the file's 12 epochs every choice fits: nothing changes, nothing is said
+    notes.clear()
+    spec = load_tune_spec(tune_file(tmp_path, space=space), note=notes.append)
+    assert spec.param("compat.refine_epochs").choices == ([2, 6], [4, 8], [3, 6, 9], [6]) and notes == []
+    # epochs searched too: each trial's config is clamped to its own epochs
+    spec = load_tune_spec(tune_file(tmp_path, space={**space, "optim.epochs": {"int": [3, 12]}}), note=notes.append)
+    assert spec.param("compat.refine_epochs").choices == ([2, 6], [4, 8], [3, 6, 9], [6]) and notes == []
+    cfg = spec.train_config({"optim.epochs": 3, "compat.refine_epochs": [4, 8]}, name="x")
+    assert cfg.compat.refine_epochs == (1,)
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"colour": 1}, "tune.yaml: colour: unknown key"),
     ({"validation": None}, "tune.yaml: validation: required"),
@@ -126,8 +152,8 @@ def test_spec_paths_and_overrides(tmp_path):
     ({"space": {"compat.weight": {"loguniform": [0.0, 1.0]}}}, "space.compat.weight: loguniform needs low > 0"),
     ({"space": {"optim.epochs": {"int": [2.5, 5]}}}, "space.optim.epochs: int bounds must be integers"),
     ({"space": {"compat.lam": {"uniform": [0.5, 1.2]}}}, "space.compat.lam = 1.2: compat.lam: must be a finite number in (0, 1)"),
-    ({"space": {"compat.refine_epochs": {"choice": [[4, 8], [20]]}}},
-     "space.compat.refine_epochs = [20]: compat.refine_epochs: every epoch must be in 1..11"),
+    ({"space": {"compat.refine_epochs": {"choice": [[4, 8], [0]]}}},
+     "space.compat.refine_epochs = [0]: compat.refine_epochs: every epoch must be in 1..11"),
     ({"space": {"compat.refine_epochs": {"choice": []}}}, "space.compat.refine_epochs: choice needs a non-empty list"),
     ({"space": {"compat.axis": {"choice": ["row", "diagonal"]}}}, "space.compat.axis = 'diagonal': compat.axis"),
     ({"space": {"data.train": {"choice": ["a", "b"]}}}, "space.data.train: cannot be searched"),

@@ -32,6 +32,11 @@ def _sub(subparsers: argparse._SubParsersAction, name: str, help: str, descripti
     return p
 
 
+def _note(msg: str) -> None:
+    """A line about something the command adjusted for the user (it goes on; not an error)."""
+    print(f"unibct-ray: note: {msg}", file=sys.stderr, flush=True)
+
+
 def _ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
@@ -98,7 +103,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from unibct_ray.distributed.runtime import ensure_ray
     from unibct_ray.distributed.train import check_inputs, train
 
-    cfg = load_config(a.config, a.set or [])
+    cfg = load_config(a.config, a.set or [], note=_note)
     if a.num_workers is not None or a.use_gpu:
         from dataclasses import replace
 
@@ -178,7 +183,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                     new_distractor_features=a.new_distractor_features, index=a.index,
                     shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite,
                     cache_dir=a.cache_dir, use_gpu=a.use_gpu, gpus_per_actor=a.gpus_per_actor, batch_size=a.batch_size)
-    r = run_eval(args, connect=connect)
+    r = run_eval(args, connect=connect, log=lambda msg: print(f"[eval] {msg}", flush=True))
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
     return 0
@@ -196,7 +201,8 @@ def _cmd_tune(a: argparse.Namespace) -> int:
         raise UserError("--objective/--max-concurrent/--set cannot change a resumed experiment (it keeps its recipe)")
     spec = None
     if a.config is not None:
-        spec = load_tune_spec(a.config, objective=a.objective, max_concurrent=a.max_concurrent, sets=a.set or [])
+        spec = load_tune_spec(a.config, objective=a.objective, max_concurrent=a.max_concurrent, sets=a.set or [],
+                              note=_note)
     if a.plan:
         if a.resume is not None:
             spec, _, _ = open_experiment(spec, a.num_samples, a.resume)
@@ -379,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
              "or float16, rows in ijbc_name_5pts_score.txt order, already emb + flip).\n\n"
              "Tests: self_old, self_new and cross (1:1: enrolment column OLD, verification NEW;\n"
              "1:N: galleries OLD, probes NEW). compatible = cross > self_old at --criterion-far\n"
-             "(and, with --bootstrap N, the 95%% interval of the difference above 0).\n"
+             "(and, with --bootstrap N, the 95% interval of the difference above 0).\n"
              "With --distractors N each gallery gets N distractor faces embedded by its own\n"
              "model (old galleries: old model, self_new: new model).\n"
              "Writes OUT/report.json, OUT/report.md, OUT/roc.png, OUT/cmc.png.",
@@ -436,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
              "see jobs/configs/synthetic/tune-unibct.yaml.\n\n"
              "Writes DIR = STORAGE/NAME of the tune file: tune.md (trials table, best or Pareto set),\n"
              "trials.json, best.yaml (cross) or pareto/<trial>.yaml (pareto): whole train configs for\n"
-             "`unibct-ray train --config`, pareto.png (cross vs self_new), trials/<trial>/ (runs).\n"
+             "`unibct-ray train --config`, pareto.png (cross vs self_new), trials/<trial>/ (all of a\n"
+             "trial: its training run, validation reports and Ray Tune's log of it).\n"
              "--resume DIR continues an interrupted experiment: finished trials are kept, the others\n"
              "run again from their last training checkpoint.",
              _cmd_tune)

@@ -3,6 +3,11 @@
 Unknown keys, wrong types and impossible values are errors that name the file and the dotted
 key (``train.yaml: optim.lr: expected a number, got 'fast'``); nothing is silently dropped.
 The same dotted keys are what Ray Tune searches over.
+
+One key follows another: UniBCT's ``compat.refine_epochs`` are clamped to ``optim.epochs``
+(``clamp_refine_epochs``; those at or past the last epoch are dropped, and if none is left the
+run refines once, after epoch ``max(1, epochs // 2)``), so ``--set optim.epochs=2`` shrinks a
+run without a second ``--set``; the command line prints a note saying what was clamped.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -29,6 +34,7 @@ __all__ = [
     "CompatSection",
     "TrainConfig",
     "from_dict",
+    "clamp_refine_epochs",
     "to_dict",
     "load_config",
     "apply_overrides",
@@ -101,6 +107,9 @@ class CompatSection:
     l2_margin: float = 0.0        # 0.2 = the "weakened" l2 variant
     scale: float = 30.0           # s of the prototype classifier (bct/unibct)
     margin: float = 0.0           # additive angular margin on the prototype target
+    # unibct: refine the prototypes after these epochs (each in 1..optim.epochs-1). A shorter
+    # run clamps them (``clamp_refine_epochs``, with a note): those >= optim.epochs are dropped,
+    # and when none is left the run refines once, after epoch max(1, optim.epochs // 2).
     refine_epochs: tuple[int, ...] = (10, 20)
     refine: bool = True           # False: plain class means of old features (no refinement)
     lam: float = 0.9
@@ -202,6 +211,9 @@ class TrainConfig:
         number("compat.lam", 0, 1, lo_open=True, hi_open=True)
         number("compat.temperature", 0, 1e3, lo_open=True)
         if self.compat.method == "unibct":
+            need(self.optim.epochs >= 2, "optim.epochs", f"method 'unibct' needs at least 2 epochs (a refinement "
+                 f"after one epoch, then training on its prototypes), got {self.optim.epochs}")
+            need(bool(self.compat.refine_epochs), "compat.refine_epochs", "method 'unibct' needs at least one epoch")
             need(all(0 < e < self.optim.epochs for e in self.compat.refine_epochs), "compat.refine_epochs",
                  f"every epoch must be in 1..{self.optim.epochs - 1} (refinement needs a trained new model)")
         if self.compat.method != "independent":
@@ -276,11 +288,43 @@ def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str, where: str) -
     return cls(**kwargs)
 
 
-def from_dict(data: Mapping[str, Any], where: str = "config") -> TrainConfig:
-    """Build and validate a ``TrainConfig`` from plain data (unknown keys are errors)."""
+def clamp_refine_epochs(refine_epochs: Sequence[int], epochs: int) -> tuple[int, ...]:
+    """The UniBCT refinement epochs a run of ``epochs`` epochs holds: those ``>= epochs`` are
+    dropped (a refinement must come before the last epoch), and when that drops every one
+    the run refines once, after epoch ``max(1, epochs // 2)``. The others are kept as given.
+
+    Shrinking a run (``--set optim.epochs=2``) so needs no hand-made ``refine_epochs``:
+    (10, 20) stays (10, 20) at 35 epochs and becomes (10,) at 15, (4,) at 8, (1,) at 2.
+    """
+    kept = tuple(e for e in refine_epochs if e < epochs)
+    if kept or not refine_epochs:
+        return kept
+    return (max(1, epochs // 2),)
+
+
+def _fit_refine_epochs(cfg: TrainConfig, where: str, note: Callable[[str], None] | None) -> TrainConfig:
+    """``cfg`` with ``clamp_refine_epochs`` applied (unibct only: no other method refines)."""
+    if cfg.compat.method != "unibct" or cfg.optim.epochs < 2:  # under 2 epochs: validation says why
+        return cfg
+    old = cfg.compat.refine_epochs
+    new = clamp_refine_epochs(old, cfg.optim.epochs)
+    if new == old:
+        return cfg
+    if note is not None:
+        note(f"{where}: compat.refine_epochs {list(old)} -> {list(new)} (optim.epochs is {cfg.optim.epochs}; "
+             "a refinement must come before the last epoch)")
+    return dataclasses.replace(cfg, compat=dataclasses.replace(cfg.compat, refine_epochs=new))
+
+
+def from_dict(data: Mapping[str, Any], where: str = "config", *,
+              note: Callable[[str], None] | None = None) -> TrainConfig:
+    """Build and validate a ``TrainConfig`` from plain data (unknown keys are errors).
+
+    UniBCT refinement epochs beyond the run are clamped (``clamp_refine_epochs``);
+    ``note`` gets one line saying so."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping at the top level")
-    return _from_mapping(TrainConfig, data, "", where).validate(where)
+    return _fit_refine_epochs(_from_mapping(TrainConfig, data, "", where), where, note).validate(where)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -353,9 +397,11 @@ def apply_overrides(data: dict, overrides: Sequence[str], where: str = "--set") 
     return out
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML config, apply ``--set`` overrides, and validate strictly."""
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *,
+                note: Callable[[str], None] | None = None) -> TrainConfig:
+    """Read a YAML config, apply ``--set`` overrides, and validate strictly (``note``: as in
+    ``from_dict``)."""
     p = Path(path)
     data = read_yaml_mapping(p)
     where = p.name if not overrides else f"{p.name} (with --set)"
-    return from_dict(apply_overrides(data, overrides), where)
+    return from_dict(apply_overrides(data, overrides), where, note=note)

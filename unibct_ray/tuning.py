@@ -37,13 +37,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from unibct_ray.config import TrainConfig, apply_overrides, from_dict, load_config, read_yaml_mapping, to_dict
+from unibct_ray.config import (TrainConfig, apply_overrides, clamp_refine_epochs, from_dict, load_config,
+                               read_yaml_mapping, to_dict)
 from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import ConfigError
 
@@ -219,10 +220,41 @@ def read_tune_file(path: str | os.PathLike) -> dict:
     return read_yaml_mapping(path, "tune file")
 
 
+def _clamp_refine_choices(prm: SearchParam, epochs: int, where: str,
+                          note: Callable[[str], None] | None) -> SearchParam:
+    """``compat.refine_epochs`` choices clamped to ``epochs`` as a train config clamps them
+    (``clamp_refine_epochs``), choices that became equal merged: the sweep samples what its
+    trials will run. Choices that are not lists of integers are left to the validation."""
+    def ints(v: Any) -> list[int] | None:
+        v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        ok = isinstance(v, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in v)
+        return v if ok else None
+
+    if epochs < 2 or any(ints(c) is None for c in prm.choices):
+        return prm
+    out: list[list[int]] = []
+    for c in prm.choices:
+        v = list(clamp_refine_epochs(ints(c), epochs))
+        if v not in out:
+            out.append(v)
+    if out == [ints(c) for c in prm.choices]:
+        return prm
+    if note is not None:
+        note(f"{where}: space.{prm.key} {list(prm.choices)} -> {out} (optim.epochs is {epochs}; "
+             "a refinement must come before the last epoch)")
+    return replace(prm, choices=tuple(out))
+
+
 def load_tune_spec(path: str | os.PathLike, *, objective: str | None = None,
-                   max_concurrent: int | None = None, sets: Sequence[str] = ()) -> TuneSpec:
+                   max_concurrent: int | None = None, sets: Sequence[str] = (),
+                   note: Callable[[str], None] | None = None) -> TuneSpec:
     """Read and validate a tune file; ``objective``/``max_concurrent`` override the file's,
-    ``sets`` (``KEY=VALUE`` like ``train --set``) the base train config after ``overrides``."""
+    ``sets`` (``KEY=VALUE`` like ``train --set``) the base train config after ``overrides``.
+
+    UniBCT refinement epochs past the run's last epoch are clamped as in a train config
+    (``unibct_ray.config.clamp_refine_epochs``), in the base config and, when ``optim.epochs``
+    is not searched, in the ``compat.refine_epochs`` choices; ``note`` gets a line for each.
+    (With ``optim.epochs`` searched, each trial's config is clamped to its own epochs.)"""
     p = Path(path)
     where = p.name
     data = read_tune_file(p)
@@ -271,7 +303,7 @@ def load_tune_spec(path: str | os.PathLike, *, objective: str | None = None,
 
     base_path = (p.parent / base).resolve()
     _need(base_path.is_file(), where, "base", f"train config {base_path} not found")
-    cfg = load_config(base_path)
+    cfg = load_config(base_path, note=note)
     sets_cli = sets
     sets = [f"{k}={_json_value(v)}" for k, v in overrides.items()]
     cfg_data = apply_overrides(to_dict(cfg), sets, f"{where}: overrides")
@@ -282,7 +314,7 @@ def load_tune_spec(path: str | os.PathLike, *, objective: str | None = None,
     cfg_data["compat"]["old_checkpoint"] = _absolute(old)
     cfg_data["data"]["train"] = _absolute(cfg_data["data"]["train"])
     cfg_data["storage"] = _absolute(cfg_data["storage"])
-    base_cfg = from_dict(cfg_data, f"{where}: overrides" + (" and --set" if sets_cli else ""))
+    base_cfg = from_dict(cfg_data, f"{where}: overrides" + (" and --set" if sets_cli else ""), note=note)
     cfg_data = to_dict(base_cfg)
 
     space_raw = typed("space", dict, {}, "a mapping of dotted train-config keys to distributions")
@@ -293,6 +325,8 @@ def load_tune_spec(path: str | os.PathLike, *, objective: str | None = None,
         _need(key not in _FIXED_KEYS, where, f"space.{key}", "cannot be searched (fixed for the whole sweep: "
               f"{', '.join(_FIXED_KEYS)})")
         prm = _parse_param(where, key, raw)
+        if key == "compat.refine_epochs" and prm.kind == "choice" and "optim.epochs" not in space_raw:
+            prm = _clamp_refine_choices(prm, base_cfg.optim.epochs, where, note)
         for v in prm.candidates():
             w = f"{where}: space.{key} = {v!r}"
             from_dict(apply_overrides(cfg_data, [f"{key}={_json_value(v)}"], w), w)

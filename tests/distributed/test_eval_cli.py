@@ -10,6 +10,7 @@ from PIL import Image
 
 from unibct_ray.cli import main
 from unibct_ray.data import ijbc
+from unibct_ray.distributed.evaluate import flip_protocol
 from unibct_ray.distributed.knn import RayShardedKNN
 from unibct_ray.metrics.knn import brute_force_knn
 
@@ -49,6 +50,16 @@ def test_eval_from_features(ijbc_dir, tmp_path, capsys):
                  "--shards", "2", "--distractors", "50", "--distractor-features", str(tmp_path / "old.npy"),
                  "--new-distractor-features", str(tmp_path / "new.npy")])
     assert code == 0, capsys.readouterr().err
+    # a line per phase, with counts and times, then the report line
+    printed = capsys.readouterr().out.splitlines()
+    phases = [line.split(" ")[1].rstrip(":") for line in printed if line.startswith("[eval] ")]
+    assert phases == ["IJB-C", "Ray", "distractors", "distractors", "scoring", "metrics"], printed
+    meta = ijbc.read_ijbc_meta(ijbc_dir)
+    assert f"{len(meta.image_names)} images, " in printed[0] and f"{len(meta.pair_labels)} 1:1 pairs" in printed[0]
+    assert any(line.startswith("[eval] scoring self_old, self_new, cross: 1:1 over ") and "40 bootstrap" in line
+               for line in printed)
+    assert any(line.startswith("[eval] metrics in ") and "bootstrap" in line for line in printed)
+    assert printed[-1].startswith("report: ")
     rep = json.loads((out / "report.json").read_text())
     for test in ("self_old", "self_new", "cross"):
         assert set(rep["verification"][test]) == {"1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"}
@@ -57,6 +68,7 @@ def test_eval_from_features(ijbc_dir, tmp_path, capsys):
     assert rep["verification"]["self_new"]["1e-2"] > rep["verification"]["self_old"]["1e-2"]
     assert rep["verification"]["cross"]["1e-1"] > rep["verification"]["self_old"]["1e-1"]
     assert isinstance(rep["compatible"], bool)
+    assert rep["protocol"]["flip"] == "precomputed per-image features (taken as emb + emb(flipped))"
     for f in ("report.md", "roc.png", "cmc.png"):
         assert (out / f).stat().st_size > 0
     assert Image.open(out / "roc.png").size[0] > 100
@@ -135,6 +147,14 @@ def test_each_gallery_gets_distractors_of_its_own_model(ijbc_dir, tmp_path, caps
     emb = rep["protocol"]["distractor_embeddings"]
     assert emb["self_new"].startswith("new model") and "new_d.npy" in emb["self_new"]
     assert emb["self_old"].startswith("old model") and emb["cross"].startswith("old model")
+
+
+def test_flip_protocol_says_how_each_model_was_embedded():
+    ckpt = "emb(img) + emb(flipped img), embedded here from the checkpoint (5-point aligned crops)"
+    feats = "precomputed per-image features (taken as emb + emb(flipped))"
+    assert flip_protocol({"old": "checkpoint", "new": "checkpoint"}) == ckpt
+    assert flip_protocol({"new": "features"}) == feats
+    assert flip_protocol({"old": "features", "new": "checkpoint"}) == f"old: {feats}; new: {ckpt}"
 
 
 def test_one_model_only(ijbc_dir, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from unibct_ray.data import ijbc
 from unibct_ray.data.shards import read_columns, read_manifest, shard_name, write_manifest, write_shard
 
 SIZE, DIM, N = 32, 16, 40
@@ -164,7 +165,7 @@ def _checkpoint_seeded(d: Path, name: str, seed: int) -> Path:
 
 
 @pytest.mark.slow
-def test_checkpoint_distractors_embedded_by_each_model(ray_session, tmp_path):
+def test_checkpoint_distractors_embedded_by_each_model(ray_session, tmp_path, capsys):
     """Two checkpoints: the distractor faces are rendered once and each model embeds them; the
     old galleries get the old model's embeddings, self_new the new model's."""
     from unibct_ray.cli import main
@@ -179,6 +180,11 @@ def test_checkpoint_distractors_embedded_by_each_model(ray_session, tmp_path):
     assert main(["eval", "--ijbc", str(tmp_path / "ijb"), "--old-checkpoint", str(old), "--new-checkpoint", str(new),
                  "--distractors", str(n_d), "--seed", str(seed), "--bootstrap", "0", "--shards", "1",
                  "--actors", "1", "--batch-size", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    n_img = len(ijbc.read_ijbc_meta(tmp_path / "ijb").image_names)
+    assert f"[eval] embedding {n_img} images with 2 checkpoints (aligned, emb + flip; one pass) on 1 actor (CPU)" \
+        in printed
+    assert f"[eval] embedded {n_img} images in " in printed and "[eval] distractors ready in " in printed
     faces = np.stack([render_aligned(sample_identity(seed, 2_000_000_000 + i), np.random.default_rng([seed, 99, i]),
                                      SIZE) for i in range(n_d)])
     x = torch.from_numpy((faces.astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5)
@@ -192,6 +198,8 @@ def test_checkpoint_distractors_embedded_by_each_model(ray_session, tmp_path):
     assert not np.allclose(embedded[old], embedded[new], atol=1e-2)  # two spaces, two embeddings
     emb = json.loads((out / "report.json").read_text())["protocol"]["distractor_embeddings"]
     assert emb == {"self_old": f"old model ({old})", "cross": f"old model ({old})", "self_new": f"new model ({new})"}
+    md = (out / "report.md").read_text()
+    assert "- flip: emb(img) + emb(flipped img), embedded here from the checkpoint" in md and "precomputed" not in md
 
 
 @pytest.mark.gpu

@@ -76,6 +76,45 @@ def tune_cli(ray_session, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def test_trial_progress_prints_epochs_and_rungs(tmp_path, capsys):
+    """The driver-side lines of a running trial, from its metrics.csv and its reports."""
+    from types import SimpleNamespace
+
+    from unibct_ray.distributed.train import _append_metrics
+    from unibct_ray.distributed.tune import TrialProgress
+    from unibct_ray.tuning import SearchParam, TuneSpec
+
+    spec = TuneSpec(source="t.yaml", name="t", storage=str(tmp_path), base="b.yaml",
+                    base_config={"optim": {"epochs": 12}}, validation="v", old_checkpoint="o.pt",
+                    space=(SearchParam("compat.weight", "loguniform", 0.3, 3.0),
+                           SearchParam("optim.epochs", "int", 4, 8)), far=1e-3)
+    cb = TrialProgress(spec.to_json(), str(tmp_path))
+    cb.POLL_S = 0.0
+    trial = SimpleNamespace(trial_id="abc123", config={"compat.weight": 0.5, "optim.epochs": 6})
+    csv_path = tmp_path / "trials" / "abc123" / "metrics.csv"
+    csv_path.parent.mkdir(parents=True)
+
+    def epoch(e: int) -> None:
+        _append_metrics(csv_path, {"epoch": e, "loss": 2.5 - e / 10, "head_loss": 2.0, "compat_loss": 0.5 - e / 10,
+                                   "compat_weight": 3.0, "lr": 0.1, "images_per_s": 250.0, "epoch_s": 4.0})
+
+    cb.on_trial_start(0, [trial], trial)
+    epoch(1)
+    cb.on_step_end(1, [trial])
+    epoch(2)
+    rung = {"epoch": 2, "final": False, "cross": 0.41, "self_new": 0.52, "self_old": 0.4}
+    cb.on_trial_result(2, [trial], trial, rung)
+    cb.on_step_end(3, [trial])  # nothing new: nothing printed twice
+    cb.on_trial_result(4, [trial], trial, {"epoch": 6, "final": True, "cross": 0.5, "self_new": 0.6, "self_old": 0.4})
+    cb.on_trial_complete(5, [trial], trial)
+    assert capsys.readouterr().out.splitlines() == [
+        "[tune] trial abc123 started: {'compat.weight': 0.5, 'optim.epochs': 6}",
+        "[tune] trial abc123 epoch 1/6  loss 2.4000 (head 2.0000, compat 0.4000 x3)  lr 0.1  250 img/s  4.0 s",
+        "[tune] trial abc123 epoch 2/6  loss 2.3000 (head 2.0000, compat 0.3000 x3)  lr 0.1  250 img/s  4.0 s",
+        "[tune] trial abc123 rung at epoch 2: TAR@FAR=0.001 cross 0.4100  self_new 0.5200  self_old 0.4000",
+    ]  # the final TARs are TuneOutputs' line when the trial ends
+
+
 def test_usage_errors_before_any_work(sweep_inputs, tmp_path, capsys):
     tmp = sweep_inputs
     cases = [
@@ -102,7 +141,7 @@ def test_sweep_killed_after_a_trial_resumes_and_finishes(sweep_inputs, ray_sessi
     t0 = time.monotonic()
     proc = tune_cli(ray_session, "--config", str(tmp / "tune.yaml"), "--num-samples", str(NUM_SAMPLES))
     try:
-        while not (finished := list((exp / "trials").glob("*/result.json"))):
+        while not (finished := list((exp / "trials").glob("*/final_result.json"))):
             assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{proc.stdout.read()}"
             assert time.monotonic() - t0 < TIMEOUT_S, "no trial finished in time"
             time.sleep(0.2)
@@ -132,7 +171,9 @@ def test_sweep_killed_after_a_trial_resumes_and_finishes(sweep_inputs, ray_sessi
     assert doc["done"] and doc["num_samples"] == NUM_SAMPLES
     trials = {t["trial_id"]: t for t in doc["trials"]}
     assert len(trials) == NUM_SAMPLES and all(t["state"] == "TERMINATED" and t["final"] for t in trials.values())
-    assert {p.parent.name for p in (exp / "trials").glob("*/result.json")} == set(trials)
+    assert {p.parent.name for p in (exp / "trials").glob("*/final_result.json")} == set(trials)
+    # one home per trial: Ray Tune's log of it sits in the trial's run directory
+    assert not list(exp.glob("trial-*")) and all((exp / "trials" / t / "params.json").is_file() for t in trials)
     # the trial that finished before the kill was not trained or evaluated again ...
     attempts = (first / "attempts.log").read_text().splitlines()
     assert sum(line.endswith(" train") for line in attempts) == 1, attempts
@@ -143,6 +184,11 @@ def test_sweep_killed_after_a_trial_resumes_and_finishes(sweep_inputs, ray_sessi
     # ... and the one the kill interrupted ran again to the end
     [second] = [t for t in trials if t != first.name]
     assert (exp / "trials" / second / "final.pt").is_file()
+    # the console followed each trial from the driver (a trial's own stdout does not reach it):
+    # its start and its epoch, read from its metrics.csv
+    assert f"[tune] trial {first.name} started: " in log1 and f"[tune] trial {second} started: " in log2
+    for t in trials:
+        assert f"[tune] trial {t} epoch 1/1  loss " in log1 + log2, (t, log1[-2000:], log2[-2000:])
 
     # outputs: the Pareto front by hand, its configs loadable by `unibct-ray train`, the plot
     pts = {t: (r["cross"], r["self_new"]) for t, r in trials.items()}

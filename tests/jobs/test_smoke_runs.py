@@ -57,6 +57,11 @@ def test_train_then_evaluate_smoke(prepared, tmp_path, capsys):
         "head": {"scale": 16.0, "margin": 0.2}, "global_batch": 8, "num_workers": 1, "cpus_per_worker": 1,
         "storage": str(tmp_path / "runs"), "extract_actors": 1}))
     assert load_job("train").main(["--config", str(cfg), "--smoke-test", "--num-workers", "2"]) == 0
+    # what is being prepared, before the first step (fit()'s start-up is the silent part), then the epoch
+    printed = capsys.readouterr().out
+    start = ("[tiny-old-smoke] epoch 1 of 1: starting 2 Ray Train workers (CPU) and the Ray Data input pipeline "
+             "(4 steps of 8 images per epoch); a line follows each epoch")
+    assert start in printed and printed.index(start) < printed.index("[tiny-old-smoke] epoch 1/1  loss "), printed
     run = tmp_path / "runs" / "tiny-old-smoke"
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -158,7 +158,9 @@ def test_flip_tuple_equals_precomputed_sum(data, evaluated):
     rep, _ = evaluate_features(meta, (old - half, half), new)
     for t in TESTS:
         assert rep["verification"][t] == pytest.approx(evaluated[0]["verification"][t], abs=2e-3)
-    assert "emb(flipped)" in rep["protocol"]["flip"]
+    # Each model's own line: the old one came as a pair, the new one precomputed.
+    assert rep["protocol"]["flip"] == ("old: emb + emb(flipped); "
+                                       "new: precomputed per-image features (taken as emb + emb(flipped))")
 
 
 def test_input_validation(data):

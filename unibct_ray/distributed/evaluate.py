@@ -31,9 +31,10 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,7 +44,7 @@ from unibct_ray.errors import DataFormatError, UserError, npy_error
 # ray, pyarrow and torch are imported where they are used: an evaluation of feature files
 # whose gallery fits one process runs without them (no Ray start, no torch import).
 
-__all__ = ["EvalArgs", "run_eval", "auto_shards", "load_feature_file", "checkpoint_features",
+__all__ = ["EvalArgs", "run_eval", "auto_shards", "flip_protocol", "load_feature_file", "checkpoint_features",
            "checkpoints_features"]
 
 #: Search work (gallery rows x probes x dim, per 1:N search) above which ``auto_shards``
@@ -208,12 +209,12 @@ def _cache_path(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path) -> tuple
 
 
 def checkpoint_features(meta: ijbc.IJBCMeta, checkpoint: Path, cache_dir: Path, actors: int,
-                        overwrite: bool = False, **device: object) -> np.ndarray:
+                        overwrite: bool = False, **device: Any) -> np.ndarray:
     """Per-image ``emb + emb_flip`` [n, d] of a checkpoint over the IJB-C images (cached).
 
     The cache file is keyed by the checkpoint's and the folder's content and written
     atomically; an existing one is reused, never replaced, unless ``overwrite``.
-    ``device``: the keyword arguments ``gpus_per_actor`` and ``batch_size`` of
+    ``device``: the keyword arguments ``gpus_per_actor``, ``batch_size`` and ``log`` of
     :func:`checkpoints_features`.
     """
     return checkpoints_features(meta, [checkpoint], cache_dir, actors, overwrite, **device)[0]
@@ -232,14 +233,15 @@ def _pool_args(actors: int, gpus_per_actor: float) -> dict:
 
 def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir: Path, actors: int,
                          overwrite: bool = False, *, gpus_per_actor: float = 0.0,
-                         batch_size: int = 64) -> list[np.ndarray]:
+                         batch_size: int = 64, log: Callable[[str], None] | None = None) -> list[np.ndarray]:
     """``checkpoint_features`` of several checkpoints with one actor pool and one pass.
 
     The checkpoints not yet cached are embedded together: each actor loads all of them once,
     and each image is read and aligned once. Each gets its own cache file.
     ``gpus_per_actor`` > 0: each actor asks for that GPU share and embeds on it (fp16
     autocast; features equal the CPU ones to fp16 precision, cosine > 0.999).
-    ``batch_size``: images per forward pass.
+    ``batch_size``: images per forward pass. ``log`` gets a line when the pass starts, one
+    every ~10 s while it runs (images done) and one when it ends.
     """
     import pyarrow as pa
     import ray
@@ -253,7 +255,13 @@ def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir
     result: list[np.ndarray | None] = [_cached(cache, len(meta.image_names), overwrite) for cache, _ in caches]
     # Each missing cache file once (the same checkpoint given twice is embedded once).
     todo = {caches[k]: str(checkpoints[k]) for k, r in enumerate(result) if r is None}
+    say = log or (lambda _msg: None)
+
+    def models(k: int) -> str:
+        return f"{k} checkpoint{'s' if k != 1 else ''}"
+
     if not todo:
+        say(f"features of {models(len(checkpoints))}: from the cache ({cache_dir})")
         return result
     ckpts = list(todo.values())
     check_images(meta)
@@ -270,6 +278,10 @@ def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir
     )
     feats: list[np.ndarray | None] = [None] * len(ckpts)
     done = np.zeros(len(rows), bool)
+    say(f"embedding {len(rows)} images with {models(len(ckpts))} (aligned, emb + flip; one pass) on "
+        f"{actors} actor{'s' if actors != 1 else ''} ({f'GPU {gpus_per_actor:g} each' if gpus_per_actor else 'CPU'})"
+        + (f"; {models(len(checkpoints) - len(ckpts))} from the cache" if len(ckpts) < len(checkpoints) else ""))
+    t0 = last = time.perf_counter()
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         bad = [e for e in batch["error"].tolist() if e]
         if bad:
@@ -280,6 +292,11 @@ def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir
                 feats[j] = np.zeros((len(rows), f.shape[1]), np.float32)
             feats[j][batch["row"]] = f
         done[batch["row"]] = True
+        if time.perf_counter() - last >= 10.0 and not done.all():
+            last = time.perf_counter()
+            say(f"embedded {int(done.sum())}/{len(rows)} images ({last - t0:.0f} s)")
+    dt = time.perf_counter() - t0
+    say(f"embedded {int(done.sum())} images in {dt:.1f} s ({done.sum() / max(dt, 1e-9):.0f} img/s)")
     if not done.all():
         raise RuntimeError(f"feature extraction of {', '.join(ckpts)} returned {int(done.sum())} of {len(rows)} images")
     for ckpt, arr in zip(ckpts, feats):
@@ -420,6 +437,30 @@ def _render_distractors(checkpoints: list[Path], n: int, seed: int, cache_dir: P
     return result
 
 
+#: How each kind of model input became the per-image features the metrics read.
+_FLIP_BY_SOURCE = {
+    "checkpoint": "emb(img) + emb(flipped img), embedded here from the checkpoint (5-point aligned crops)",
+    "features": "precomputed per-image features (taken as emb + emb(flipped))",
+}
+
+
+def flip_protocol(sources: dict[str, str]) -> str:
+    """The report's ``protocol.flip`` line: ``sources`` {"old"/"new": "checkpoint" | "features"}
+    says where each model's features came from (``per_model_text`` joins them)."""
+    from unibct_ray.metrics.evaluate import per_model_text
+
+    return per_model_text({side: _FLIP_BY_SOURCE[kind] for side, kind in sources.items()})
+
+
+def _metric_times(secs: dict[str, float]) -> str:
+    """One line of ``evaluate_features``'s stage times."""
+    one = sum(v for k, v in secs.items() if k.endswith(("/scores", "/verification")))
+    many = sum(v for k, v in secs.items() if k.endswith("/identification"))
+    parts = [f"1:1 {one:.1f} s", f"1:N {many:.1f} s"] + ([f"bootstrap {secs['bootstrap']:.1f} s"]
+                                                         if "bootstrap" in secs else [])
+    return f"metrics in {secs.get('total', 0.0):.1f} s ({', '.join(parts)})"
+
+
 def auto_shards(gallery_rows: int, probes: int, dim: int) -> int:
     """Gallery shards for a 1:N search of ``probes`` queries over ``gallery_rows`` rows of ``dim``.
 
@@ -436,7 +477,8 @@ def auto_shards(gallery_rows: int, probes: int, dim: int) -> int:
     return 2 if float(gallery_rows) * probes * dim > SHARD_WORK_THRESHOLD else 1
 
 
-def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
+def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
     """Evaluate and write ``OUT/report.json``, ``report.md``, ``roc.png``, ``cmc.png``.
 
     ``connect`` (e.g. the CLI's ``ensure_ray``) is called after every input is checked, and only
@@ -444,6 +486,9 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
     nothing here imports ray or torch. The parsed IJB-C meta is cached in the cache directory
     (``ijbc.read_ijbc_meta_cached``), written only once the evaluation has succeeded, so a
     run stopped by a bad input leaves nothing behind.
+
+    ``log`` (the CLI prints it) gets a line per phase, with counts and times: the IJB-C meta,
+    Ray's start, feature extraction, distractors, the metrics.
     """
     from unibct_ray.metrics.distractors import DistractorKNN, RecallKNN
     from unibct_ray.metrics.evaluate import evaluate_features
@@ -464,9 +509,14 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
         raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.shards is not None and a.shards < 1:
         raise UserError(f"--shards must be >= 1, got {a.shards}")
+    say = log or (lambda _msg: None)
     cache = a.cache_dir if a.cache_dir is not None else a.out / "cache"
+    t = time.perf_counter()
     meta, save_meta_cache = ijbc.read_ijbc_meta_cached(a.ijbc, cache)
     n = len(meta.image_names)
+    say(f"IJB-C {meta.root}: {n} images, {len(np.unique(meta.templates))} templates, {len(meta.pair_labels)} 1:1 "
+        f"pairs, 1:N galleries G1 {len(meta.gallery1)} / G2 {len(meta.gallery2)} and {len(meta.probes)} probe "
+        f"templates (meta {'parsed' if save_meta_cache else 'from the cache'} in {time.perf_counter() - t:.1f} s)")
 
     # Check every input before any work: a bad one fails fast and leaves nothing under OUT.
     loaded: dict[str, np.ndarray] = {}
@@ -498,7 +548,9 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
     gallery_rows = max(len(meta.gallery1), len(meta.gallery2)) + max(a.distractors, 0)
     shards = a.shards if a.shards is not None else auto_shards(gallery_rows, len(meta.probes), dim)
     if connect is not None and (a.old_checkpoint or a.new_checkpoint or shards > 1):
+        t = time.perf_counter()
         connect()
+        say(f"Ray ready in {time.perf_counter() - t:.1f} s")
     gpus = a.gpus_per_actor if a.use_gpu else 0.0
 
     # Both checkpoints (when both sides are models) in one extraction pass.
@@ -506,7 +558,7 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
     if embed:
         loaded.update(zip(embed, checkpoints_features(meta, list(embed.values()), cache, a.actors,
                                                       overwrite=a.overwrite, gpus_per_actor=gpus,
-                                                      batch_size=a.batch_size)))
+                                                      batch_size=a.batch_size, log=say)))
     old, new = loaded.get("old"), loaded.get("new")
     if shards > 1:
         from unibct_ray.distributed.knn import RayShardedKNN
@@ -519,20 +571,33 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None) -> dict:
         keep_up = contextlib.nullcontext()
     recall = RecallKNN(base) if a.index != "flat" else None
     knn = recall or base
+    t = time.perf_counter()
+    if a.distractors > 0:
+        say(f"distractors: {a.distractors} faces for the {' and '.join(sides)} model galleries (rendered and "
+            "embedded by each checkpoint, or read from the feature files)")
     distractors = _distractor_features(a, cache, sides)
+    if distractors:
+        say(f"distractors ready in {time.perf_counter() - t:.1f} s")
     if distractors:
         # Each gallery searched with the distractors of its own model (evaluate_features picks
         # the backend by the model on the gallery side of each test).
         knn = {side: DistractorKNN(knn, distractors[side], embedded_by=f"the {side} model") for side in sides}
+    tests = [t for t, need in (("self_old", ["old"]), ("self_new", ["new"]), ("cross", ["old", "new"]))
+             if all(s in sides for s in need)]
+    say(f"scoring {', '.join(tests)}: 1:1 over {len(meta.pair_labels)} pairs, 1:N of {len(meta.probes)} probes "
+        f"({shards} shard{'s' if shards != 1 else ''}, {a.index})"
+        + (f", {a.bootstrap} bootstrap resamples" if a.bootstrap else ""))
     with keep_up:
         report, curves = evaluate_features(meta, old, new, knn=knn, criterion_far=a.criterion_far,
                                            bootstrap=a.bootstrap, seed=a.seed)
+    say(_metric_times(curves.seconds))
     if distractors:
         report.setdefault("protocol", {})["distractor_embeddings"] = {
             test: f"{side} model ({_distractor_sources(a, [side])[side][1]})"
             for test, side in (("self_old", "old"), ("cross", "old"), ("self_new", "new")) if side in distractors
             and (test != "cross" or len(sides) == 2)}
     report.setdefault("protocol", {}).update({
+        "flip": flip_protocol({s: "checkpoint" if s in embed else "features" for s in sides}),
         "ijbc": str(meta.root), "index": a.index, "shards": shards, "distractors": a.distractors,
         "inference_device": f"GPU ({gpus:g} per actor, fp16 autocast)" if gpus else "CPU (float32)",
         "old": str(a.old_checkpoint or a.old_features or ""), "new": str(a.new_checkpoint or a.new_features or ""),

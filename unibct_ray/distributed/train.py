@@ -69,7 +69,7 @@ from unibct_ray.errors import ConfigError, JobFailedError, UserError
 from unibct_ray.resources import extract_actor_resources, train_worker_resources
 
 __all__ = ["train", "train_group", "check_inputs", "old_features_dir", "OLD_FEATURES_DIR", "train_loop_per_worker",
-           "plan_phases", "poly_lr", "TrainResult", "ddp_buffer_kwargs"]
+           "plan_phases", "poly_lr", "TrainResult", "ddp_buffer_kwargs", "MetricsTail", "epoch_line"]
 
 
 OLD_FEATURES_DIR = "old_features"  # under STORAGE, unless compat.old_features_cache names the root
@@ -525,20 +525,16 @@ def _num_classes(shards: str) -> int:
     return int(max(m.classes, int(m.extra.get("label_max", m.classes - 1)) + 1))
 
 
-class _ProgressTail:
-    """Print each new row of ``metrics.csv`` as a progress line while ``fit()`` runs.
+class MetricsTail:
+    """The rows a run's ``metrics.csv`` gained since the last look.
 
-    Workers' stdout does not reach a quiet driver; the CSV (written by rank 0 on shared
-    storage) does, whatever node rank 0 is on.
+    Rows are keyed by content: a re-run epoch replaces its row (see ``_append_metrics``) and
+    then counts as new. Rows already there when the tail is made are not new.
     """
 
-    def __init__(self, path: Path, name: str, epochs: int):
-        import threading
-
-        self.path, self.name, self.epochs = path, name, epochs
+    def __init__(self, path: Path):
+        self.path = Path(path)
         self.seen = {self._key(r) for r in self._rows()}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
     def _key(row: dict) -> tuple:
@@ -551,20 +547,44 @@ class _ProgressTail:
         except OSError:
             return []
 
+    def new_rows(self) -> list[dict]:
+        out = []
+        for r in self._rows():
+            if self._key(r) not in self.seen:
+                self.seen.add(self._key(r))
+                out.append(r)
+        return out
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """A ``metrics.csv`` row as the progress line of its epoch."""
+    return (f"epoch {row['epoch']}/{epochs}  loss {float(row['loss']):.4f} "
+            f"(head {float(row['head_loss']):.4f}, compat {float(row['compat_loss']):.4f} "
+            f"x{float(row['compat_weight']):g})  lr {float(row['lr']):.4g}  "
+            f"{float(row['images_per_s']):.0f} img/s  {float(row['epoch_s']):.1f} s")
+
+
+class _ProgressTail:
+    """Print each new row of ``metrics.csv`` as a progress line while ``fit()`` runs.
+
+    Workers' stdout does not reach a quiet driver; the CSV (written by rank 0 on shared
+    storage) does, whatever node rank 0 is on.
+    """
+
+    def __init__(self, path: Path, name: str, epochs: int):
+        import threading
+
+        self.tail, self.name, self.epochs = MetricsTail(path), name, epochs
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
     def _run(self) -> None:
         while not self.stop.wait(2.0):
             self.flush()
 
     def flush(self) -> None:
-        # Rows are keyed by content: a re-run epoch replaces its row (see _append_metrics).
-        for r in self._rows():
-            if self._key(r) in self.seen:
-                continue
-            self.seen.add(self._key(r))
-            print(f"[{self.name}] epoch {r['epoch']}/{self.epochs}  loss {float(r['loss']):.4f} "
-                  f"(head {float(r['head_loss']):.4f}, compat {float(r['compat_loss']):.4f} "
-                  f"x{float(r['compat_weight']):g})  lr {float(r['lr']):.4g}  "
-                  f"{float(r['images_per_s']):.0f} img/s  {float(r['epoch_s']):.1f} s", flush=True)
+        for r in self.tail.new_rows():
+            print(f"[{self.name}] {epoch_line(r, self.epochs)}", flush=True)
 
     def __enter__(self) -> "_ProgressTail":
         self.thread.start()
@@ -613,6 +633,20 @@ def _worker_error_line(e: BaseException) -> str:
     return lines[0] if lines else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def _start_line(cfg: TrainConfig, runs: list[dict]) -> str:
+    """What a ``fit()`` is preparing, printed before it: starting the workers and the input
+    pipeline takes ~20 s before the first step, and the first epoch line comes after that."""
+    r = runs[0]
+    if len(runs) == 1:
+        a, b = r["first_epoch"] + 1, r["end_epoch"]
+        who, what = r["config"]["name"], (f"epoch {a}" if a == b else f"epochs {a}-{b}") + f" of {cfg.optim.epochs}"
+    else:
+        who, what = "group", f"{len(runs)} runs"
+    workers = f"{cfg.num_workers} Ray Train worker{'s' if cfg.num_workers != 1 else ''} ({'GPU' if cfg.use_gpu else 'CPU'})"
+    return (f"[{who}] {what}: starting {workers} and the Ray Data input pipeline ({r['steps_per_epoch']} steps "
+            f"of {cfg.global_batch} images per epoch); a line follows each epoch")
+
+
 def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path, phase: str,
          tails: list[tuple[Path, str, int]]) -> Path:
     """One ``TorchTrainer.fit()`` of ``loop`` (storage ``run_dir/phase``) -> its last checkpoint.
@@ -622,6 +656,8 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
 
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    print(_start_line(cfg, loop["runs"]), flush=True)
 
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -11,16 +11,23 @@ evaluates the final checkpoint against the old model on the validation IJB-C fol
 Experiment directory ``DIR = storage/name``::
 
     DIR/tune-spec.json       the resolved tune file (a resumed experiment keeps its recipe)
-    DIR/trials/<trial>/      the trial's training run (checkpoints, metrics.csv, final.pt),
-                             val/ (its validation reports), result.json, attempts.log
+    DIR/trials/<trial>/      everything of one trial: its training run (checkpoints,
+                             metrics.csv, final.pt), val/ (its validation reports),
+                             final_result.json, attempts.log, and Ray Tune's log of the
+                             trial (params.json, progress.csv, result.json, error.txt)
+    DIR/trials/experiment_state-*.json, tuner.pkl, ...   Ray Tune's experiment state
     DIR/cache/               validation features by checkpoint hash (the old model's once)
     DIR/tune.md, trials.json, best.yaml | pareto/<trial>.yaml, pareto.png
-    DIR/trial-<id>/, experiment_state-*.json, ...   Ray Tune's own state
+
+Ray Tune's experiment is ``DIR/trials`` with one folder per trial named by its id, so a trial
+has one home. (Tune also copies every top-level ``.json`` of its experiment folder to a
+staging folder when it restores and uploads them back later: the sweep's own outputs stay
+out of it.)
 
 The outputs are rewritten whenever a trial changes state, so ``tune.md`` shows a running sweep.
 ``--resume DIR`` restores Tune's state: finished trials keep their results, unfinished and
 errored ones run again and continue from their own last training checkpoint. A trial whose
-``result.json`` exists (it finished, but the driver died before Tune saved that) reports the
+``final_result.json`` exists (it finished, but the driver died before Tune saved that) reports the
 stored result without training again.
 """
 
@@ -37,16 +44,16 @@ from typing import Any
 from ray import tune
 
 from unibct_ray.config import TrainConfig
-from unibct_ray.distributed.train import OLD_FEATURES_DIR
+from unibct_ray.distributed.train import OLD_FEATURES_DIR, MetricsTail, epoch_line
 from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import UserError
 from unibct_ray.tuning import SPEC_FILE, TrialRecord, TuneSpec, check_validation, objective_value, write_outputs
 
-__all__ = ["run_tune", "run_trial", "check_tune_plan", "TuneOutputs", "TRIALS_DIR"]
+__all__ = ["run_tune", "run_trial", "check_tune_plan", "TuneOutputs", "TrialProgress", "TRIALS_DIR"]
 
 TRIALS_DIR = "trials"
 CACHE_DIR = "cache"
-RESULT_FILE = "result.json"
+RESULT_FILE = "final_result.json"  # not result.json: Ray Tune writes its own log there
 ATTEMPTS_FILE = "attempts.log"
 TRIAL_CPU = 0.01
 
@@ -117,7 +124,8 @@ def run_trial(config: dict, spec: dict | None = None, exp_dir: str | None = None
 
 
 def _trial_dirname(trial: Any) -> str:
-    return f"trial-{trial.trial_id}"
+    """Tune's folder of a trial is the trial's run directory, ``DIR/trials/<id>``."""
+    return trial.trial_id
 
 
 def _error_line(trial: Any) -> str:
@@ -133,7 +141,7 @@ class TuneOutputs(tune.Callback):
 
     The files can be ahead of Tune's saved experiment state (Tune saves it every 10 s or more):
     a trial they show finished may come back unfinished after a driver restart. Tune then
-    starts it again and it reports its stored ``result.json`` without training (``run_trial``).
+    starts it again and it reports its stored ``final_result.json`` without training (``run_trial``).
     """
 
     def __init__(self, spec: dict, exp_dir: str, num_samples: int):
@@ -184,6 +192,67 @@ class TuneOutputs(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._write(trials, done=True)
+
+
+class TrialProgress(tune.Callback):
+    """Prints, on the driver, each running trial's epochs and the validation TARs it reports
+    at the ASHA rungs (its final TARs are the ``TuneOutputs`` line when it ends).
+
+    A trial's own output does not reach the quiet driver, and Tune hears from a trial only when
+    it reports; the epochs are read from the trial's ``metrics.csv`` (shared storage, as for
+    ``train``'s own progress lines), every 2 s while trials run.
+    """
+
+    POLL_S = 2.0
+
+    def __init__(self, spec: dict, exp_dir: str):
+        self.spec, self.exp_dir = spec, exp_dir
+        self._tails: dict[str, tuple[MetricsTail, int]] = {}
+        self._polled = 0.0
+
+    def _epochs(self, trial: Any) -> int:
+        s = TuneSpec.from_json(self.spec)
+        try:
+            return int(s.decode(trial.config).get("optim.epochs", s.base_config["optim"]["epochs"]))
+        except (KeyError, ValueError):
+            return int(s.base_config["optim"]["epochs"])
+
+    def _flush(self, trial_id: str) -> None:
+        tail, epochs = self._tails[trial_id]
+        for r in tail.new_rows():
+            print(f"[tune] trial {trial_id} {epoch_line(r, epochs)}", flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        path = Path(self.exp_dir) / TRIALS_DIR / trial.trial_id / "metrics.csv"
+        self._tails[trial.trial_id] = (MetricsTail(path), self._epochs(trial))
+        print(f"[tune] trial {trial.trial_id} started: {TuneSpec.from_json(self.spec).decode(trial.config)}", flush=True)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._polled < self.POLL_S:
+            return
+        self._polled = time.monotonic()
+        for trial_id in list(self._tails):
+            self._flush(trial_id)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if trial.trial_id in self._tails:
+            self._flush(trial.trial_id)
+        if result.get("final", True) or result.get("cross") is None:
+            return
+        far = TuneSpec.from_json(self.spec).far
+        print(f"[tune] trial {trial.trial_id} rung at epoch {result.get('epoch')}: TAR@FAR={far:g} cross "
+              f"{result['cross']:.4f}  self_new {result['self_new']:.4f}  self_old {result['self_old']:.4f}", flush=True)
+
+    def _end(self, trial: Any) -> None:
+        if trial.trial_id in self._tails:
+            self._flush(trial.trial_id)
+            del self._tails[trial.trial_id]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial)
 
 
 def _prepare(spec: TuneSpec, exp_dir: Path) -> None:
@@ -251,7 +320,8 @@ def run_tune(spec: TuneSpec, num_samples: int, exp_dir: str | os.PathLike, *, re
     """Run the sweep ``open_experiment`` planned (or resume it) on the connected Ray; returns
     the summary that ``DIR/trials.json`` holds."""
     exp_dir = Path(exp_dir)
-    if resume and not tune.Tuner.can_restore(str(exp_dir)):
+    state_dir = exp_dir / TRIALS_DIR  # Ray Tune's experiment (see the module docstring)
+    if resume and not tune.Tuner.can_restore(str(state_dir)):
         raise UserError(f"{exp_dir}: no Ray Tune state to resume from (the experiment never started a trial)")
     exp_dir.mkdir(parents=True, exist_ok=True)
     import ray
@@ -270,7 +340,7 @@ def run_tune(spec: TuneSpec, num_samples: int, exp_dir: str | os.PathLike, *, re
         {"cpu": TRIAL_CPU})
     if resume:
         print(f"[tune] resuming {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(state_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         search, scheduler, tune_kw = _searcher_and_scheduler(spec)
         print(f"[tune] {num_samples} trials of {spec.base_config['name']} ({spec.objective}), at most "
@@ -280,8 +350,9 @@ def run_tune(spec: TuneSpec, num_samples: int, exp_dir: str | os.PathLike, *, re
             tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=spec.max_concurrent,
                                         trial_dirname_creator=_trial_dirname, **tune_kw),
-            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), verbose=0,
-                                      callbacks=[TuneOutputs(spec.to_json(), str(exp_dir), num_samples)],
+            run_config=tune.RunConfig(name=TRIALS_DIR, storage_path=str(exp_dir), verbose=0,
+                                      callbacks=[TuneOutputs(spec.to_json(), str(exp_dir), num_samples),
+                                                 TrialProgress(spec.to_json(), str(exp_dir))],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     tuner.fit()

@@ -52,7 +52,7 @@ from unibct_ray.metrics.verification import (
     verify,
 )
 
-__all__ = ["Features", "EvalCurves", "evaluate_features"]
+__all__ = ["Features", "EvalCurves", "evaluate_features", "per_model_text"]
 
 #: Precomputed ``emb + emb_flip`` [n, d], or the pair ``(emb [n, d], emb_flip [n, d])``.
 Features = np.ndarray | tuple[np.ndarray, np.ndarray]
@@ -112,6 +112,14 @@ def _prepare(feats: Features, name: str, n_images: int, use_flip: bool) -> tuple
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{name} features must be floating point, got {x.dtype}")
     return x, how
+
+
+def per_model_text(desc: Mapping[str, str]) -> str:
+    """One protocol line from a description per model: the text once when the models agree,
+    else ``old: ...; new: ...``."""
+    if len(set(desc.values())) <= 1:
+        return next(iter(desc.values()), "")
+    return "; ".join(f"{m}: {d}" for m, d in desc.items())
 
 
 def _raise_non_finite(x: np.ndarray, name: str) -> None:
@@ -218,10 +226,11 @@ def evaluate_features(
             "is not finite"
         )
     models: dict[str, np.ndarray] = {}
-    flip_how = ""
+    flip_hows: dict[str, str] = {}
     for name, f in (("old", old_feats), ("new", new_feats)):
         if f is not None:
-            models[name], flip_how = _prepare(f, name, n, use_flip)
+            models[name], flip_hows[name] = _prepare(f, name, n, use_flip)
+    flip_how = per_model_text(flip_hows)
     if len(models) == 2 and models["old"].shape[1] != models["new"].shape[1]:
         raise ValueError(
             f"cross test needs one embedding space: old features have dim "
