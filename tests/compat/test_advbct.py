@@ -200,3 +200,26 @@ def test_methods_with_a_term_refuse_to_run_without_it():
     mix = CompatLoss("mixbct", weight=5.0)
     assert mix.weight == 0.0 and mix.weight_at(3) == 0.0
     assert mix.value(torch.ones(2, 3)).item() == 0.0
+
+
+def test_point_to_set_mean_over_ranks_is_the_global_mean():
+    """Two simulated ranks with unequal numbers of violating rows: the average of their losses
+    (what DDP's gradient average sees) is the mean over all violating rows of the whole batch."""
+    old, labels_old = old_set()
+    centres, _, counts = reference_metadata(old, labels_old, 3)
+    rng = np.random.default_rng(4)
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    f = rng.normal(size=(6, 4))
+    f[0], f[2] = centres[0], 3 * centres[0]  # inside class 0's boundary: rank 0 has fewer violations
+    radius = torch.tensor([0.9, 0.2, 0.2], dtype=torch.float64)
+    args = (torch.tensor(centres), radius, torch.tensor(counts >= 2))
+    whole = point_to_set_loss(torch.tensor(f), torch.tensor(labels), *args)
+    halves = [(torch.tensor(f[s]), torch.tensor(labels[s])) for s in (slice(0, 3), slice(3, 6))]
+    local = [int(((np.linalg.norm(unit(f[s]) - centres[labels[s]], axis=1) > radius.numpy()[labels[s]])).sum())
+             for s in (slice(0, 3), slice(3, 6))]
+    assert local[0] != local[1] and min(local) > 0
+    total = torch.tensor(float(sum(local)), dtype=torch.float64)
+    ranks = [point_to_set_loss(x, y, *args, count_sum=lambda c: total, world=2) for x, y in halves]
+    assert float(sum(ranks) / 2) == pytest.approx(whole.item(), rel=1e-12)
+    plain = [point_to_set_loss(x, y, *args) for x, y in halves]
+    assert float(sum(plain) / 2) != pytest.approx(whole.item(), rel=1e-3)  # per-rank means would differ

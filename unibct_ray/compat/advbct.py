@@ -84,16 +84,25 @@ def elastic_radius(r_max: torch.Tensor, w: torch.Tensor, threshold: float = 0.4)
 
 
 def point_to_set_loss(f: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor,
-                      valid: torch.Tensor) -> torch.Tensor:
+                      valid: torch.Tensor, count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      world: int = 1) -> torch.Tensor:
     """Mean over violating rows of ``||f_hat_i - c_{y_i}|| - radius_{y_i}`` (0 when none violates).
 
     ``f [b, d]`` (normalised here), ``centres [C, d]``, ``radius [C]``, ``valid bool [C]`` (a
     class with at most one old feature has no radius and is skipped). Computed with masks, so
-    ``radius`` stays in the graph even when no row violates (DDP needs every parameter used)."""
+    ``radius`` stays in the graph even when no row violates (DDP needs every parameter used).
+
+    On ``world`` ranks whose gradients DDP averages, ``count_sum`` sums the number of violating
+    rows over the ranks (an all-reduce): each rank returns ``world * local sum / global count``,
+    whose average over the ranks is the one-process mean over the global batch's violating rows
+    (a per-rank mean would weigh a rank with few violations like one with many)."""
     dist = torch.linalg.vector_norm(F.normalize(f, dim=1) - centres[labels].to(f.dtype), dim=1)
     excess = dist - radius[labels].to(f.dtype)
     violate = (valid[labels] & (excess > 0)).to(f.dtype)
-    return (excess * violate).sum() / violate.sum().clamp_min(1.0)
+    count = violate.sum().detach()
+    if count_sum is not None:
+        count = count_sum(count)
+    return (excess * violate).sum() * world / count.clamp_min(1.0)
 
 
 class _GradReverse(torch.autograd.Function):
@@ -147,11 +156,14 @@ class AdvBCTModule(nn.Module):
     ``valid bool [C]`` (``n_c >= 2``). ``forward`` returns ``[L_p2s, L_adv]`` from one call, so a
     DDP wrapper sees every parameter used.
 
-    ``w`` is drawn ``U(-1, 1)`` from a generator seeded by ``seed`` (the same on every rank)."""
+    ``w`` is drawn ``U(-1, 1)`` from a generator seeded by ``seed`` (the same on every rank).
+    ``count_sum``, ``world``: see :func:`point_to_set_loss` (DDP over ``world`` ranks)."""
 
     def __init__(self, centres: torch.Tensor, r_max: torch.Tensor, counts: torch.Tensor, hidden: int = 100,
-                 threshold: float = 0.4, seed: int = 0) -> None:
+                 threshold: float = 0.4, seed: int = 0,
+                 count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, world: int = 1) -> None:
         super().__init__()
+        self.count_sum, self.world = count_sum, int(world)
         c, d = centres.shape
         if r_max.shape != (c,) or counts.shape != (c,):
             raise ValueError(f"AdvBCTModule: centres {list(centres.shape)}, r_max {list(r_max.shape)} and counts "
@@ -170,7 +182,7 @@ class AdvBCTModule(nn.Module):
 
     def forward(self, f: torch.Tensor, o: torch.Tensor, labels: torch.Tensor, a: float) -> torch.Tensor:
         f32 = f.to(torch.promote_types(f.dtype, torch.float32))
-        p2s = point_to_set_loss(f32, labels, self.centres, self.radius(), self.valid)
+        p2s = point_to_set_loss(f32, labels, self.centres, self.radius(), self.valid, self.count_sum, self.world)
         adv = adversarial_loss(self.discriminator, f, o, a)
         return torch.stack([p2s.to(adv.dtype), adv])
 
