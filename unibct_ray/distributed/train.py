@@ -4,7 +4,7 @@ The driver (``train``) splits a run into *phases* at the UniBCT refinement epoch
 is one ``TorchTrainer.fit()`` that resumes from the previous checkpoint; between phases the
 driver extracts new-model features on an actor pool, refines the class prototypes on
 refinement actors (class ranges) and hands the result to every worker of the next phase. With
-no refinement (old model, independent, l2, bct) the run is a single phase.
+no refinement (old model, independent, l2, bct, nccl, advbct, mixbct) the run is a single phase.
 
 The margin head is model-parallel whenever there are several workers (``head.parallel``):
 each rank holds a contiguous 1/world of the class centres, the embeddings and labels are
