@@ -12,7 +12,6 @@ import torch
 from unibct_ray.compat.advbct import (
     AdvBCTLoss,
     AdvBCTModule,
-    adversarial_loss,
     adversarial_weight,
     elastic_radius,
     grad_reverse,
