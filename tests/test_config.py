@@ -140,3 +140,30 @@ def test_shorter_run_clamps_refine_epochs_with_one_note(tmp_path):
     with pytest.raises(ConfigError, match="optim.epochs: method 'unibct' needs at least 2 epochs"):
         load_config(p, ["optim.epochs=1"], note=notes.append)
     assert notes == []
+
+
+def test_method_keys_have_the_published_defaults_and_are_checked():
+    from unibct_ray.config import METHODS
+
+    assert {"nccl", "advbct", "mixbct"} <= set(METHODS)
+    c = TrainConfig().compat
+    assert (c.nccl_alpha, c.nccl_beta, c.nccl_queue, c.nccl_temperature) == (1.0, 0.01, 8192, 1.0)
+    assert (c.advbct_threshold, c.advbct_p2s_weight, c.advbct_adv_weight, c.advbct_hidden) == (0.4, 4.0, 4.0, 100)
+    assert (c.mixbct_ratio, c.mixbct_credible) == (0.3, 0.9)
+    base = {"num_workers": 2, "global_batch": 64}
+    nccl = from_dict({**base, "compat": {"method": "nccl", "old_checkpoint": "o.pt", "nccl_queue": 64}})
+    assert not nccl.head_parallel  # its logit term needs all C logits on every rank
+    assert from_dict({**base, "compat": {"method": "mixbct", "old_checkpoint": "o.pt"}}).head_parallel
+    for compat, needle in [
+        ({"method": "nccl", "nccl_queue": 32}, "compat.nccl_queue: must hold at least one global batch (64)"),
+        ({"method": "mixbct", "mixbct_credible": 0}, "compat.mixbct_credible: must be a finite number in (0, 1]"),
+        ({"method": "mixbct", "mixbct_ratio": 1.5}, "compat.mixbct_ratio"),
+        ({"method": "advbct", "advbct_hidden": 0}, "compat.advbct_hidden: must be an integer"),
+        ({"method": "advbct", "advbct_p2s_weight": -1}, "compat.advbct_p2s_weight"),
+        ({"method": "nccl", "nccl_temperature": 0}, "compat.nccl_temperature"),
+    ]:
+        with pytest.raises(ConfigError, match=None) as e:
+            from_dict({**base, "compat": {"old_checkpoint": "o.pt", **compat}})
+        assert needle in str(e.value), (compat, str(e.value))
+    with pytest.raises(ConfigError, match="head.parallel: compat.method nccl needs"):
+        from_dict({**base, "head": {"parallel": True}, "compat": {"method": "nccl", "old_checkpoint": "o.pt"}})

@@ -337,13 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "train", "train an old model or a compatible new model on Ray",
              "Train on a shard set with Ray Train (DDP over --num-workers workers; gloo on CPU,\n"
              "nccl + fp16 autocast on GPU). The config (YAML, strict: unknown keys are errors)\n"
-             "chooses the model and the method: compat.method = independent | l2 | bct | unibct;\n"
-             "l2/bct/unibct need compat.old_checkpoint. Examples: jobs/configs/*.yaml.\n\n"
+             "chooses the model and the method: compat.method = independent | l2 | bct | unibct |\n"
+             "nccl | advbct | mixbct; all but independent need compat.old_checkpoint.\n"
+             "Examples: jobs/configs/*.yaml.\n\n"
              "Writes STORAGE/NAME/: config.json, metrics.csv (per epoch: loss terms, lr, images/s),\n"
              "a checkpoint per epoch (Ray Train's checkpoint dirs), final.pt; for compatible\n"
              "methods STORAGE/old_features/<key>/ (old-model features of the training set, keyed by\n"
              "index, one copy per old checkpoint and shard set, shared by runs) and,\n"
-             "for unibct, new_features-epochNNN/ and prototypes-epochNNN.npy at each refinement.\n"
+             "for unibct, new_features-epochNNN/ and prototypes-epochNNN.npy at each refinement;\n"
+             "for advbct/mixbct, advbct-classes.npz / mixbct-credible.npz (from the old features).\n"
              "A failed worker restarts from the last checkpoint; --resume RUN_DIR continues a run.\n"
              "Before anything starts the run is planned on the cluster's nodes: one that could never\n"
              "be scheduled (e.g. no CPU left for Ray Data's decoding) exits 2; --plan prints the plan.",

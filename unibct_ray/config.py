@@ -40,7 +40,7 @@ __all__ = [
     "apply_overrides",
 ]
 
-METHODS = ("independent", "l2", "bct", "unibct")
+METHODS = ("independent", "l2", "bct", "unibct", "nccl", "advbct", "mixbct")
 HEADS = ("arcface", "cosface", "softmax")
 BACKBONES = ("r18", "r34", "r50", "r100", "tiny", "small")
 #: Upper bounds of sizes and counts: far above any real run, far below an allocation that
@@ -101,9 +101,28 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class CompatSection:
-    method: str = "independent"   # independent | l2 | bct | unibct
-    weight: float = 1.0           # w in head loss + w * L_comp (independent: 0 whatever this says)
-    old_checkpoint: str = ""      # required for l2 / bct / unibct
+    """How the new model is made compatible with the old one (``compat.*``).
+
+    ``method``: independent | l2 | bct | unibct | nccl | advbct | mixbct. Every method but
+    independent needs ``old_checkpoint``; the loss is ``head loss + weight * L_comp``. The
+    ``nccl_*``, ``advbct_*`` and ``mixbct_*`` keys are read only by their method; their
+    defaults are the published settings:
+
+    * nccl: ``L_comp = nccl_alpha * l1 + nccl_beta * l2`` over a FIFO queue of
+      ``nccl_queue`` old embeddings/old logits/labels gathered from every rank, softmax
+      temperature ``nccl_temperature`` (needs the replicated head: ``head.parallel`` not true).
+    * advbct: ``L_comp = advbct_p2s_weight * L_p2s + advbct_adv_weight * (E - e + 1) / E *
+      L_adv``; elastic radii around each class's inlier radius, pivot ``advbct_threshold``;
+      a discriminator with ``advbct_hidden`` hidden units.
+    * mixbct: no ``L_comp`` (``weight`` is unused): in each local batch
+      ``round(mixbct_ratio * b)`` credible samples (the ``ceil(mixbct_credible * n_c)``
+      closest to their class's old-feature centre) feed their normalised old feature to the
+      head instead of the new embedding.
+    """
+
+    method: str = "independent"   # independent | l2 | bct | unibct | nccl | advbct | mixbct
+    weight: float = 1.0           # w in head loss + w * L_comp (independent, mixbct: 0 whatever this says)
+    old_checkpoint: str = ""      # required by every method but independent
     l2_margin: float = 0.0        # 0.2 = the "weakened" l2 variant
     scale: float = 30.0           # s of the prototype classifier (bct/unibct)
     margin: float = 0.0           # additive angular margin on the prototype target
@@ -118,6 +137,19 @@ class CompatSection:
     # Directory where old-model features of a training set are kept and shared between runs
     # (keyed by the old checkpoint's and the shard manifest's hashes); "" = inside the run.
     old_features_cache: str = ""
+    # NCCL (Wu et al., AAAI 2022)
+    nccl_alpha: float = 1.0       # weight of the feature-consensus term l1
+    nccl_beta: float = 0.01       # weight of the logit-consensus term l2
+    nccl_queue: int = 8192        # queue entries (old embedding, old logits, label), all ranks together
+    nccl_temperature: float = 1.0
+    # AdvBCT (Pan et al., CVPR 2023)
+    advbct_threshold: float = 0.4  # radius pivot of the elastic boundary
+    advbct_p2s_weight: float = 4.0
+    advbct_adv_weight: float = 4.0  # times (E - e + 1) / E in epoch e of E
+    advbct_hidden: int = 100      # discriminator Linear(d, h) -> BN -> ReLU -> Linear(h, 2)
+    # MixBCT (Liang et al., 2023)
+    mixbct_ratio: float = 0.3     # fraction of each local batch fed old features
+    mixbct_credible: float = 0.9  # T: fraction of each class that is credible
 
 
 @dataclass(frozen=True)
@@ -210,6 +242,24 @@ class TrainConfig:
         need(self.compat.axis in ("row", "column"), "compat.axis", "must be 'row' or 'column'")
         number("compat.lam", 0, 1, lo_open=True, hi_open=True)
         number("compat.temperature", 0, 1e3, lo_open=True)
+        number("compat.nccl_alpha", 0, 1e6)
+        number("compat.nccl_beta", 0, 1e6)
+        count("compat.nccl_queue", 1, MAX_BATCH)
+        number("compat.nccl_temperature", 0, 1e3, lo_open=True)
+        number("compat.advbct_threshold", 0, 2)
+        number("compat.advbct_p2s_weight", 0, 1e6)
+        number("compat.advbct_adv_weight", 0, 1e6)
+        count("compat.advbct_hidden", 1, MAX_EMBEDDING)
+        number("compat.mixbct_ratio", 0, 1)
+        number("compat.mixbct_credible", 0, 1, lo_open=True)
+        if self.compat.method == "nccl":
+            # the queue always holds the current global batch (it is updated before the loss)
+            need(self.compat.nccl_queue >= self.global_batch, "compat.nccl_queue",
+                 f"must hold at least one global batch ({self.global_batch}), got {self.compat.nccl_queue}")
+            # l2 compares all C logits of a sample with all C logits of each queue entry
+            need(self.head.parallel is not True, "head.parallel",
+                 "compat.method nccl needs every class's logit on every rank: leave head.parallel "
+                 "null (replicated with nccl) or set it false")
         if self.compat.method == "unibct":
             need(self.optim.epochs >= 2, "optim.epochs", f"method 'unibct' needs at least 2 epochs (a refinement "
                  f"after one epoch, then training on its prototypes), got {self.optim.epochs}")
@@ -223,8 +273,11 @@ class TrainConfig:
 
     @property
     def head_parallel(self) -> bool:
-        """Whether the workers shard the class centres (``head.parallel``, default: several workers)."""
-        return self.num_workers > 1 if self.head.parallel is None else bool(self.head.parallel)
+        """Whether the workers shard the class centres (``head.parallel``, default: several
+        workers, except with nccl, whose logit term needs every class's logit on every rank)."""
+        if self.head.parallel is None:
+            return self.num_workers > 1 and self.compat.method != "nccl"
+        return bool(self.head.parallel)
 
     @property
     def per_worker_batch(self) -> int:

@@ -162,7 +162,9 @@ def train_worker_memory(cfg: "TrainConfig", num_classes: int | None = None) -> M
     * batches: the decoded batch, Ray Data's prefetched one and its torch copy, 3 x b x 3 x S^2 x 4
     * shuffle buffer: ``data.shuffle_buffer`` x 3 x S^2 x 4 decoded rows (on the host)
     * baseline: the process with torch and Ray imported (+ a CUDA context with ``use_gpu``)
-    With ``use_gpu`` the model, head, activations and logits are device memory.
+    * nccl: its queue, Q x (d + C) x 4 (old embeddings and old logits), and the per-step
+      scores against it, b x Q x 4 x 6
+    With ``use_gpu`` the model, head, activations, logits and the nccl queue are device memory.
     """
     b, s, d = cfg.per_worker_batch, cfg.data.image_size, cfg.model.embedding_size
     p = backbone_parameters(cfg.model.backbone, d, s)
@@ -176,6 +178,9 @@ def train_worker_memory(cfg: "TrainConfig", num_classes: int | None = None) -> M
         "activations": int(b * kept * act_bytes * BACKWARD_PEAK_FACTOR),
         "logits": b * c * 4 * 6,
     }
+    if cfg.compat.method == "nccl":
+        q = cfg.compat.nccl_queue
+        heavy["nccl queue"] = q * (d + c) * 4 + b * q * 4 * 6
     host = {
         "batches": 3 * b * 3 * s * s * 4,
         "shuffle buffer": cfg.data.shuffle_buffer * 3 * s * s * 4,

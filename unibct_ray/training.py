@@ -90,8 +90,9 @@ def train_step(
     agree: Callable[[bool], bool] | None = None,
     head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     amp_dtype: torch.dtype = torch.float16,
+    mix: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> StepResult:
-    """``loss = CE(head(emb), y) + weight * compat(emb, old, y, prototypes)``; one SGD step.
+    """``loss = CE(head(mix(emb)), y) + weight * compat(emb, old, y, prototypes, logits)``; one SGD step.
 
     ``module(x, labels) -> (emb [b, d], logits [b, C])``. Under DDP the gradients are averaged
     over workers, so with the per-worker mean loss the step equals one process on the
@@ -105,6 +106,10 @@ def train_step(
 
     ``amp_dtype``: the autocast dtype (float16 with a ``scaler``, or bfloat16 without one).
 
+    ``mix``: ``emb [b, d] -> [b, d]`` applied to the head's input only (MixBCT feeds some rows'
+    old features to the head); the module is then called as ``module(x, labels, mix=mix)``.
+    The compatibility term sees the unmixed ``emb`` and, without ``head``, the head's logits.
+
     A NaN/inf head or compatibility loss skips the update (no backward, no optimizer step) and
     returns ``applied=False``; ``agree(local_ok) -> all_ok`` makes every DDP rank take the same
     decision (a rank that skipped its backward while the others ran theirs would hang DDP's
@@ -112,15 +117,17 @@ def train_step(
     (:class:`NonFiniteGuard`).
     """
     with torch.autocast(autocast_device or x.device.type, dtype=amp_dtype, enabled=autocast_device is not None):
+        logits = None
         if head is None:
-            emb, logits = module(x, labels)
+            emb, logits = module(x, labels) if mix is None else module(x, labels, mix=mix)
             head_loss = F.cross_entropy(logits.float(), labels)
         else:
             emb = module(x)
-            head_loss = head(emb, labels)
+            head_loss = head(emb if mix is None else mix(emb), labels)
         comp = emb.new_zeros((), dtype=torch.float32)
         if weight > 0 and compat is not None:
-            comp = compat.value(emb.float(), old_features, labels, prototypes)  # unweighted L_comp
+            comp = compat.value(emb.float(), old_features, labels, prototypes,  # unweighted L_comp
+                                logits=None if logits is None else logits.float())
         loss = head_loss + weight * comp
     head_ok, comp_ok = bool(torch.isfinite(head_loss)), bool(torch.isfinite(comp))
     ok = head_ok and comp_ok

@@ -102,6 +102,34 @@ def test_new_model_methods(workspace, method, extra):
         np.testing.assert_allclose(protos[:8], old_n[:8], atol=1e-5)
 
 
+def test_nccl_advbct_mixbct_train_in_one_group_fit(workspace):
+    """The three queue/discriminator/mixing methods through the real loop, in one fit (one
+    worker-group start for the three): each learns, writes what it needs once and checkpoints
+    what it trains. Their math is checked in tests/compat and on two workers in
+    test_methods_ddp.py; this is the wiring (Ray Data rows with their index, DDP, checkpoints)."""
+    from unibct_ray.distributed.train import train_group
+
+    cfgs = [cfg_for(workspace, f"new-{m}", "new", m, epochs=2, **extra) for m, extra in
+            [("nccl", {"nccl_queue": 64}), ("advbct", {}), ("mixbct", {})]]
+    assert not cfgs[0].head_parallel and cfgs[1].head_parallel  # nccl keeps the replicated head
+    results = train_group(cfgs)
+    rows = {r.run_dir.name: read_metrics(r.run_dir) for r in results}
+    for name, m in rows.items():
+        assert [r["epoch"] for r in m] == [1, 2] and m[-1]["head_loss"] < m[0]["head_loss"], name
+    assert all(r["compat_loss"] > 0 and r["compat_weight"] == 1.0 for r in rows["new-nccl"] + rows["new-advbct"])
+    assert all(r["compat_loss"] == 0 and r["compat_weight"] == 0 for r in rows["new-mixbct"])  # no L_comp
+    nccl, advbct, mixbct = (load_checkpoint(r.checkpoint) for r in results)
+    assert nccl["compat_state"] is None and mixbct["compat_state"] is None  # nccl's queue refills on resume
+    assert {"w", "discriminator.0.weight"} <= set(advbct["compat_state"])
+    assert advbct["compat_state"]["w"].shape == (16,)
+    assert len(advbct["optimizer"]["param_groups"]) == 2  # the discriminator and radii are trained
+    with np.load(results[1].run_dir / "advbct-classes.npz") as z:
+        assert z["centres"].shape == (16, 32) and (z["r_max"] > 0).all() and (z["counts"] == 14).all()
+    with np.load(results[2].run_dir / "mixbct-credible.npz") as z:
+        # ceil(0.9 * 14) = 13 of each class's 14 images
+        assert len(z["credible_index"]) == 16 * 13 and np.all(np.diff(z["credible_index"]) > 0)
+
+
 def drop_checkpoints_after(run: Path, epoch: int) -> None:
     """Cut a run's checkpoints back to ``epoch``, as if the job had died after it: later
     checkpoints, ``final.pt`` and the storage of phases left without a checkpoint go."""

@@ -12,6 +12,15 @@ images (pre-extracted, constants), hats are L2-normalised rows. The training obj
   rest (:func:`bct_prototypes`).
 * ``unibct``: cross-entropy of ``f`` against refined prototypes
   (:mod:`unibct_ray.compat.prototypes`); ``w = 0`` until the first refinement epoch.
+* ``nccl``: neighbourhood-consensus contrast against a queue of old embeddings and old logits
+  (:mod:`unibct_ray.compat.nccl`); needs the head's logits.
+* ``advbct``: point-to-set loss against elastic class boundaries plus an adversarial loss
+  (:mod:`unibct_ray.compat.advbct`).
+* ``mixbct``: no ``L_comp`` (``w = 0``); the method mixes old features into the head's input
+  (:mod:`unibct_ray.compat.mixbct`, applied by the training step).
+
+nccl and advbct hold state across steps (a queue; a discriminator and radii trained with the
+model), built by the training loop and passed in as ``term``.
 
 Both prototype losses use ``z_c = s * cos(f, p_c)`` with ``s = 30`` by default. The public
 re-implementation feeds unscaled cosines (``|z| <= 1``) to the softmax, which over 65-93k
@@ -20,7 +29,7 @@ classes is nearly uniform and gives almost no gradient; ``s`` is exposed for tha
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +41,7 @@ from unibct_ray.models.heads import arcface
 __all__ = [
     "COMPAT_METHODS",
     "DEFAULT_WEIGHTS",
+    "TERM_METHODS",
     "l2_compat_loss",
     "prototype_logits",
     "prototype_loss",
@@ -39,9 +49,15 @@ __all__ = [
     "CompatLoss",
 ]
 
-COMPAT_METHODS = ("independent", "l2", "bct", "unibct")
-# The paper's weights: l2 is weighted 10, the classification-style losses 1.
-DEFAULT_WEIGHTS = {"independent": 0.0, "l2": 10.0, "bct": 1.0, "unibct": 1.0}
+COMPAT_METHODS = ("independent", "l2", "bct", "unibct", "nccl", "advbct", "mixbct")
+# The paper's weights: l2 is weighted 10, the classification-style losses 1. nccl and advbct
+# weigh their own terms (alpha/beta; 4 and 4 (E - e + 1) / E); mixbct has no L_comp.
+DEFAULT_WEIGHTS = {"independent": 0.0, "l2": 10.0, "bct": 1.0, "unibct": 1.0, "nccl": 1.0, "advbct": 1.0,
+                   "mixbct": 0.0}
+# Methods whose L_comp is a stateful term built by the training loop.
+TERM_METHODS = ("nccl", "advbct")
+# Called as term(f, o, labels, logits) -> L_comp; optionally term.schedule(step, total, epoch, epochs).
+Term = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 
 
 def l2_compat_loss(f: torch.Tensor, o: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -114,31 +130,43 @@ class CompatLoss(nn.Module):
     """One compatibility method chosen by config; ``forward`` returns ``w * L_comp``.
 
     Args:
-        method: ``independent`` | ``l2`` | ``bct`` | ``unibct``.
-        weight: ``w``; None = the paper's (:data:`DEFAULT_WEIGHTS`); ``independent`` is always 0.
+        method: one of :data:`COMPAT_METHODS`.
+        weight: ``w``; None = the paper's (:data:`DEFAULT_WEIGHTS`); ``independent`` and
+            ``mixbct`` are always 0.
         l2_margin: ``t`` of the l2 loss (0, or 0.2 for the weakened variant).
         scale: ``s`` of the prototype logits (bct / unibct).
         margin: additive angular margin on the prototype target (bct / unibct), 0 = none.
+        term: the stateful ``L_comp`` of nccl / advbct (:class:`~unibct_ray.compat.nccl.NCCLLoss`,
+            :class:`~unibct_ray.compat.advbct.AdvBCTLoss`), required for those methods.
     """
 
     def __init__(self, method: str, weight: float | None = None, l2_margin: float = 0.0,
-                 scale: float = 30.0, margin: float = 0.0) -> None:
+                 scale: float = 30.0, margin: float = 0.0, term: Term | None = None) -> None:
         super().__init__()
         if method not in COMPAT_METHODS:
             raise ValueError(f"unknown compatibility method {method!r}; valid choices: {', '.join(COMPAT_METHODS)}")
+        if method in TERM_METHODS and term is None:
+            raise ValueError(f"compat method {method!r} needs its term (its queue or its trained parts)")
         self.method = method
         w = DEFAULT_WEIGHTS[method] if weight is None else float(weight)
-        self.weight = 0.0 if method == "independent" else w
+        self.weight = 0.0 if method in ("independent", "mixbct") else w
         self.l2_margin = float(l2_margin)
         self.scale = float(scale)
         self.margin = float(margin)
+        self.term = term
 
     @classmethod
-    def from_section(cls, section: Any) -> "CompatLoss":
+    def from_section(cls, section: Any, term: Term | None = None) -> "CompatLoss":
         """From an object with ``method, weight, l2_margin, scale, margin`` (the config's
         ``compat`` section)."""
         return cls(section.method, weight=section.weight, l2_margin=section.l2_margin,
-                   scale=section.scale, margin=section.margin)
+                   scale=section.scale, margin=section.margin, term=term)
+
+    def schedule(self, step: int, total_steps: int, epoch: int, epochs: int) -> None:
+        """Tell a scheduled term (advbct: GRL coefficient, epoch weight) where training is."""
+        fn = getattr(self.term, "schedule", None)
+        if fn is not None:
+            fn(step, total_steps, epoch, epochs)
 
     def weight_at(self, epoch: int, refine_epochs: Sequence[int] = ()) -> float:
         """``w`` in effect during ``epoch`` (same numbering as ``refine_epochs``).
@@ -146,7 +174,7 @@ class CompatLoss(nn.Module):
         unibct: 0 before the first refinement epoch, ``w`` from it on (refinement runs at the
         *start* of that epoch, so the epoch itself already trains against the prototypes);
         raises ``ValueError`` when ``refine_epochs`` is empty (it would silently train an
-        independent model). l2 / bct: always ``w``; independent: 0.
+        independent model). l2 / bct / nccl / advbct: always ``w``; independent, mixbct: 0.
         """
         if self.method != "unibct":
             return self.weight
@@ -155,10 +183,13 @@ class CompatLoss(nn.Module):
         return self.weight if epoch >= min(refine_epochs) else 0.0
 
     def value(self, f: torch.Tensor, o: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-              prototypes: torch.Tensor | None = None) -> torch.Tensor:
-        """The unweighted ``L_comp`` (scalar; 0 for independent)."""
-        if self.method == "independent":
+              prototypes: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The unweighted ``L_comp`` (scalar; 0 for independent and mixbct). ``logits [b, C]``:
+        the margin head's output for ``f`` (nccl)."""
+        if self.method in ("independent", "mixbct"):
             return f.new_zeros(())
+        if self.method in TERM_METHODS:
+            return self.term(f, o, labels, logits)
         if self.method == "l2":
             if o is None:
                 raise ValueError("compat method 'l2' needs the old embeddings o")
@@ -168,11 +199,12 @@ class CompatLoss(nn.Module):
         return prototype_loss(f, prototypes, labels, s=self.scale, m=self.margin)
 
     def forward(self, f: torch.Tensor, o: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                prototypes: torch.Tensor | None = None, weight: float | None = None) -> torch.Tensor:
+                prototypes: torch.Tensor | None = None, weight: float | None = None,
+                logits: torch.Tensor | None = None) -> torch.Tensor:
         """``w * L_comp`` (scalar). ``weight`` overrides ``self.weight`` (pass
         :meth:`weight_at`'s value); when the weight is 0 nothing is computed -- prototypes may
         then be None (unibct before its first refinement)."""
         w = self.weight if weight is None else float(weight)
         if w == 0.0:
             return f.new_zeros(())
-        return w * self.value(f, o=o, labels=labels, prototypes=prototypes)
+        return w * self.value(f, o=o, labels=labels, prototypes=prototypes, logits=logits)

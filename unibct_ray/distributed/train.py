@@ -4,7 +4,7 @@ The driver (``train``) splits a run into *phases* at the UniBCT refinement epoch
 is one ``TorchTrainer.fit()`` that resumes from the previous checkpoint; between phases the
 driver extracts new-model features on an actor pool, refines the class prototypes on
 refinement actors (class ranges) and hands the result to every worker of the next phase. With
-no refinement (old model, independent, l2, bct) the run is a single phase.
+no refinement (old model, independent, l2, bct, nccl, advbct, mixbct) the run is a single phase.
 
 The margin head is model-parallel whenever there are several workers (``head.parallel``):
 each rank holds a contiguous 1/world of the class centres, the embeddings and labels are
@@ -65,6 +65,7 @@ from unibct_ray.checkpoint import (
 from unibct_ray.config import TrainConfig, from_dict, to_dict
 from unibct_ray.data.shards import atomic_write_text, read_manifest
 from unibct_ray.distributed.data import FLIP_COLUMN, OLD_FEATURE_COLUMN, epoch_clock, set_epoch_clock, training_dataset
+from unibct_ray.distributed.method_inputs import write_method_inputs
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
 from unibct_ray.resources import extract_actor_resources, train_worker_resources
 
@@ -104,9 +105,11 @@ class _TrainModule(torch.nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor,
+                mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(emb [b, d], logits [b, C])``; ``mix`` changes the head's input only (MixBCT)."""
         emb = self.backbone(x)
-        return emb, self.head(emb, labels)
+        return emb, self.head(emb if mix is None else mix(emb), labels)
 
 
 def _build(cfg: TrainConfig, num_classes: int) -> _TrainModule:
@@ -244,6 +247,87 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict, parts: _Parts
     optimizer.load_state_dict(saved)
 
 
+@dataclass
+class _Method:
+    """A worker's compatibility method: the loss and what it keeps across steps.
+
+    ``aux``: trained parts saved in the checkpoint (advbct's discriminator and radii), in the
+    optimizer as a second parameter group; ``credible``: sorted record indices of the credible
+    samples (mixbct). nccl's queue lives in ``compat.term`` and is not checkpointed: after a
+    restart it refills from the next step on (it always holds the current batch)."""
+
+    compat: Any
+    aux: torch.nn.Module | None = None
+    credible: torch.Tensor | None = None
+    ratio: float = 0.0
+    seed: int = 0
+    rank: int = 0
+
+    def mix_for(self, batch: dict, step: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """mixbct: the head-input mix of this batch, positions drawn from a generator seeded by
+        (seed, step, rank); None for every other method."""
+        if self.credible is None:
+            return None
+        from unibct_ray.compat.mixbct import is_credible, mix_embeddings, mix_positions
+
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 10_007 + self.rank) % (2**63 - 1))
+        positions = mix_positions(is_credible(batch["index"], self.credible), self.ratio, g)
+        return functools.partial(mix_embeddings, old=batch[OLD_FEATURE_COLUMN], positions=positions)
+
+
+def _build_method(cfg: TrainConfig, run: dict, parts: _Parts, rank: int, world: int, device: torch.device,
+                  state: dict | None, prepare: Callable[..., torch.nn.Module]) -> _Method:
+    """The compatibility method of ``cfg`` for one worker (restoring its trained parts from
+    ``state``). ``run['method_inputs']``: the driver's once-per-run file for advbct / mixbct
+    (:mod:`unibct_ray.distributed.method_inputs`)."""
+    from unibct_ray.compat.losses import CompatLoss
+
+    c = cfg.compat
+    term, aux, credible = None, None, None
+    if c.method == "nccl":
+        from unibct_ray.compat.nccl import NCCLLoss
+        from unibct_ray.models.heads import all_gather_rows
+
+        if parts.parallel:
+            raise ConfigError("compat.method nccl needs the replicated head (head.parallel false)")
+        # the replicated head: every rank holds the same centres, so each computes the old
+        # logits of the gathered rows itself
+        term = NCCLLoss(parts.head, c.nccl_queue, c.nccl_alpha, c.nccl_beta, c.nccl_temperature,
+                        gather=all_gather_rows if world > 1 else None)
+    elif c.method == "advbct":
+        from unibct_ray.compat.advbct import AdvBCTLoss, AdvBCTModule
+        from unibct_ray.models.heads import Reducer
+
+        with np.load(run["method_inputs"], allow_pickle=False) as z:
+            # the point-to-set mean is over the global batch's violating rows: their count is summed
+            aux = AdvBCTModule(torch.from_numpy(z["centres"]), torch.from_numpy(z["r_max"]),
+                               torch.from_numpy(z["counts"]), hidden=c.advbct_hidden,
+                               threshold=c.advbct_threshold, seed=cfg.seed,
+                               count_sum=Reducer.for_group().sum_ if world > 1 else None, world=world)
+        if state is not None and state.get("compat_state") is not None:
+            aux.load_state_dict(state["compat_state"])
+        wrapped = prepare(aux, parallel_strategy_kwargs=ddp_buffer_kwargs())  # gradients averaged like the backbone's
+        aux = _unwrap(wrapped)
+        term = AdvBCTLoss(wrapped, c.advbct_p2s_weight, c.advbct_adv_weight)
+    elif c.method == "mixbct":
+        with np.load(run["method_inputs"], allow_pickle=False) as z:
+            credible = torch.from_numpy(z["credible_index"].astype(np.int64))
+    compat = CompatLoss.from_section(c, term=term)
+    return _Method(compat, aux, credible, c.mixbct_ratio, cfg.seed, rank)
+
+
+def _make_optimizer(cfg: TrainConfig, parts: _Parts, method: _Method) -> torch.optim.Optimizer:
+    """SGD over the backbone and the centres, plus the method's trained parts (advbct) as a
+    second parameter group: the first group keeps the centres last (``_Parts.head_index``)."""
+    optimizer = torch.optim.SGD(
+        parts.trainable(), lr=cfg.effective_lr,
+        momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+    )
+    if method.aux is not None:
+        optimizer.add_param_group({"params": list(method.aux.parameters())})
+    return optimizer
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train worker: the runs in ``loop['runs']``, one after the other, over one dataset.
 
@@ -320,7 +404,6 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
     """Epochs ``run['first_epoch'] .. run['end_epoch']`` of one run (see ``train_loop_per_worker``)."""
     import ray.train
 
-    from unibct_ray.compat.losses import CompatLoss
     from unibct_ray.training import NonFiniteGuard, device_images, train_step
 
     cfg = from_dict(run["config"])
@@ -332,10 +415,9 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
     parts = _build_parts(cfg, run["num_classes"], rank, world, device, state, ray.train.torch.prepare_model)
     model = parts.model
     params_backbone = list(parts.backbone.parameters())
-    optimizer = torch.optim.SGD(
-        parts.trainable(), lr=cfg.effective_lr,
-        momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-    )
+    method = _build_method(cfg, run, parts, rank, world, device, state, ray.train.torch.prepare_model)
+    compat = method.compat
+    optimizer = _make_optimizer(cfg, parts, method)
     first_epoch, end_epoch = run["first_epoch"], run["end_epoch"]
     step = 0
     metrics: dict[str, Any] = {}
@@ -356,8 +438,6 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
             prototypes = stored.float().to(device)  # resumed after a refinement: keep its result
         elif first_epoch < end_epoch:
             prototypes = _live_prototypes(cfg, run, parts.backbone, first_epoch, False, rank, world, device)
-    compat = CompatLoss(cfg.compat.method, weight=cfg.compat.weight, l2_margin=cfg.compat.l2_margin,
-                        scale=cfg.compat.scale, margin=cfg.compat.margin)
     steps_per_epoch = run["steps_per_epoch"]
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -406,7 +486,8 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
             y = batch["label"]
             x = device_images(batch["image"], batch.get(FLIP_COLUMN),
                               channels_last=cfg.channels_last and device.type == "cuda")
-            r = train_step(model, optimizer, x, y, compat=compat, weight=w,
+            compat.schedule(step, total_steps, epoch, cfg.optim.epochs)
+            r = train_step(model, optimizer, x, y, compat=compat, weight=w, mix=method.mix_for(batch, step),
                            old_features=batch.get(OLD_FEATURE_COLUMN), prototypes=prototypes,
                            clip_params=params_backbone, clip_norm=cfg.optim.clip_grad_norm,
                            scaler=scaler, autocast_device="cuda" if use_amp else None,
@@ -437,7 +518,7 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(Path(d) / CHECKPOINT_FILE,
-                                _payload(run, index, parts, full, epoch + 1, step, prototypes, metrics))
+                                _payload(run, index, parts, full, epoch + 1, step, prototypes, metrics, method.aux))
                 atomic_write_text(Path(d) / "meta.json", json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
                 _append_metrics(Path(run["run_dir"]) / "metrics.csv", metrics)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -448,13 +529,15 @@ def _train_run(run: dict[str, Any], index: int, state: dict | None, shard: Any, 
         if rank == 0:
             # The run's result, written where the driver (and any later resume) looks for it.
             save_checkpoint(Path(run["run_dir"]) / "final.pt",
-                            _payload(run, index, parts, full, end_epoch, step, prototypes, metrics))
+                            _payload(run, index, parts, full, end_epoch, step, prototypes, metrics, method.aux))
 
 
 def _payload(run: dict, index: int, parts: _Parts, full: tuple[dict, dict], epoch: int,
-             step: int, prototypes: torch.Tensor | None, metrics: dict) -> dict[str, Any]:
+             step: int, prototypes: torch.Tensor | None, metrics: dict,
+             aux: torch.nn.Module | None = None) -> dict[str, Any]:
     """A checkpoint: the backbone, the FULL head and optimizer state (``full``, from
-    :func:`_full_state`), so any world size and either head mode can resume it."""
+    :func:`_full_state`), so any world size and either head mode can resume it, and the
+    method's trained parts (``compat_state``: advbct's discriminator and radii)."""
     head, opt = full
     return {
         "config": json.dumps(run["config"]),
@@ -465,6 +548,7 @@ def _payload(run: dict, index: int, parts: _Parts, full: tuple[dict, dict], epoc
         "head": head,
         "optimizer": opt,
         "prototypes": prototypes.cpu() if prototypes is not None else None,
+        "compat_state": {k: v.detach().cpu() for k, v in aux.state_dict().items()} if aux is not None else None,
         "metrics": json.dumps(metrics),
         "group_index": index,
     }
@@ -841,8 +925,10 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
     train_dir, num_classes, method = run.train_dir, run.num_classes, run.cfg.compat.method
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+    inputs = None
     if method != "independent":
         train_dir = _with_old_features(cfg, run_dir, train_dir)
+        inputs = write_method_inputs(cfg, run_dir, train_dir, num_classes)
     checkpoint = Path(resume_from) if resume_from else None
     with epoch_clock() as clock:
         dataset, steps_per_epoch = _dataset(cfg, train_dir, clock)
@@ -855,6 +941,7 @@ def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
                 "first_epoch": first, "end_epoch": end, "run_dir": str(run_dir.resolve()), "train_dir": train_dir,
                 "resume_from": str(checkpoint) if checkpoint else None,
                 "prototypes": str(Path(protos).resolve()) if protos else None, "epoch_clock": clock,
+                "method_inputs": inputs,
             }
             checkpoint = _fit(cfg, {"runs": [run]}, dataset, run_dir, f"epochs-{first:03d}-{end:03d}",
                               [(run_dir / "metrics.csv", cfg.name, cfg.optim.epochs)])
@@ -919,6 +1006,8 @@ def train_group(cfgs: list[TrainConfig], *, resumes: list[str | os.PathLike | No
         needs_old = [p for p in todo if p.cfg.compat.method != "independent"]
         if needs_old:
             train_dir = _with_old_features(needs_old[0].cfg, needs_old[0].run_dir, train_dir)
+        inputs = [write_method_inputs(p.cfg, p.run_dir, train_dir, p.num_classes)
+                  if p.cfg.compat.method != "independent" else None for p in todo]
         with epoch_clock() as clock:
             dataset, steps_per_epoch = _dataset(cfg0, train_dir, clock)
             runs = [{
@@ -927,7 +1016,8 @@ def train_group(cfgs: list[TrainConfig], *, resumes: list[str | os.PathLike | No
                 "train_dir": train_dir, "resume_from": p.resume_from, "prototypes": None, "in_loop": True,
                 "epoch_clock": clock,
                 "old_checkpoint": str(Path(p.cfg.compat.old_checkpoint).resolve()) if p.cfg.compat.old_checkpoint else "",
-            } for p in todo]
+                "method_inputs": inp,
+            } for p, inp in zip(todo, inputs)]
             key = hashlib.sha256("\n".join(str(p.run_dir) for p in todo).encode()).hexdigest()[:12]
             group_dir = (Path(cfg0.storage) / ".groups" / key).resolve()
             if group_dir.exists():
