@@ -2,8 +2,9 @@
 
 The fenced ``unibct-ray`` commands of the sections from "Try every step on synthetic data" to
 "Tuning" are taken from README.md literally; only the ones that need a real data set or a
-cluster (paths under ``/data/``, the MS1Mv3 configs, ``--plan``) are left out. Each runs through
-the CLI's ``main`` with ``UNIBCT_RAY_SMALL=1`` (the documented small-size switch: fewer
+cluster (paths under ``/data/``, the MS1Mv3 configs, ``--plan``) are left out. They run through
+the CLI's ``main``, in one process whose working directory is an empty folder, with
+``UNIBCT_RAY_SMALL=1`` (the documented small-size switch: fewer
 identities and epochs, the same files in the same places), so a README whose commands stopped
 connecting - a path one command writes and the next does not read, a flag that changed - fails
 here.
@@ -12,8 +13,11 @@ here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,17 +73,33 @@ def test_small_switch_shrinks_only_sizes(monkeypatch):
     assert small.shrink(e) == [] and e.bootstrap == 200
 
 
-def test_readme_walkthrough_runs_as_written(ray_session, tmp_path, monkeypatch, capsys):
+# The commands run one after the other in one process whose working directory is the walk-through's
+# (a Ray started by the suite's process would resolve the relative paths against another one).
+DRIVER = """
+import json, sys
+from unibct_ray import cli
+for argv in json.loads(sys.argv[1]):
+    print("$ unibct-ray " + " ".join(argv), file=sys.stderr, flush=True)
+    code = cli.main(argv)
+    if code:
+        print(f"exit {code}: unibct-ray {' '.join(argv)}", file=sys.stderr, flush=True)
+        sys.exit(code)
+"""
+
+
+def test_readme_walkthrough_runs_as_written(tmp_path):
     argvs = walkthrough((ROOT / "README.md").read_text())
     (tmp_path / "jobs").symlink_to(ROOT / "jobs")  # the commands name the repository's configs
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(small.ENV, "1")
-    for argv in argvs:
-        code = cli.main(argv)
-        err = capsys.readouterr().err
-        assert code == 0, f"`unibct-ray {' '.join(argv)}` exited {code}: {err[-2000:]}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {small.ENV: "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # each command said what the switch shrank, and every step ran
+    assert proc.stderr.count(f"{small.ENV}=1:") >= 5
     out = tmp_path / "demo_out"
     rep = json.loads((out / "reports" / "unibct" / "report.json").read_text())
     assert set(rep["verification"]) == {"self_old", "self_new", "cross"}
     assert (out / "runs" / "synthetic-new-unibct" / "final.pt").is_file()
+    assert (out / "runs" / "synthetic-new-unibct-w2" / "final.pt").is_file()
     assert (out / "tune" / "synthetic-tune-unibct" / "tune.md").is_file()

@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unibct-ray",
         description="Backward-compatible embedding training (UniBCT) and IJB-C evaluation on Ray.",
         epilog=f"Environment: {small.ENV}=1 runs data synth, train, tune and eval at a small size\n"
-               "(2 epochs, 40 identities, 2 trials; the same inputs and outputs), as the\n"
+               "(2 epochs, 40 identities, 1 trial; the same inputs and outputs), as the\n"
                "README's walk-through test does.",
         formatter_class=_Formatter,
     )

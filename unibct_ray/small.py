@@ -6,7 +6,7 @@ copied from the README produces the same files, in the same places, as the full-
 - ``data synth``: at most 40 training identities of at most 6 images, 30 IJB-C subjects and
   3,000 impostor pairs;
 - ``train`` and ``tune`` (new runs): ``optim.epochs=2`` (refinement epochs are clamped into the
-  shorter run as the config rules say); ``tune`` runs at most 2 trials;
+  shorter run as the config rules say); ``tune`` runs at most 1 trial;
 - ``eval``: at most 20 bootstrap resamples.
 
 Each command says on stderr what the switch shrank. ``tests/test_walkthrough.py`` runs the
@@ -50,7 +50,7 @@ def shrink(a: argparse.Namespace) -> list[str]:
         a.set = [*(a.set or []), f"optim.epochs={SMALL_EPOCHS}"]
         notes.append(f"optim.epochs -> {SMALL_EPOCHS}")
         if command == "tune":
-            _cap(a, "num_samples", 2, notes)
+            _cap(a, "num_samples", 1, notes)
     elif command == "eval":
         _cap(a, "bootstrap", 20, notes)
     if notes:
