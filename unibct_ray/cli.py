@@ -476,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training")
     p.add_argument("--quick", action="store_true", help="tiny data and 3 epochs: checks the wiring in ~2 minutes")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                   help="new-model methods (default: independent l2 bct unibct; also l2-weak, "
-                        "unibct-column = the column-softmax refinement ablation)")
+                   help="new-model methods (default: independent l2 bct unibct; also nccl, advbct, mixbct, "
+                        "l2-weak, unibct-column = the column-softmax refinement ablation)")
     p.add_argument("--overwrite", action="store_true", help="retrain and re-evaluate (the rendered data stay cached)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")

@@ -48,6 +48,9 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "bct": ("new-bct.yaml", ()),
     "unibct": ("new-unibct.yaml", ()),
     "unibct-column": ("new-unibct.yaml", ("compat.axis=column", "name=synthetic-new-unibct-column")),
+    "nccl": ("new-nccl.yaml", ()),
+    "advbct": ("new-advbct.yaml", ()),
+    "mixbct": ("new-mixbct.yaml", ()),
 }
 DEMO_FAR = "1e-3"  # ~20 impostor pairs per 20k at 1e-3; 1e-4 would rest on two
 MARKER = ".unibct-demo"

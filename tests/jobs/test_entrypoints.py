@@ -253,7 +253,8 @@ def test_prepare_config_matches_the_training_configs():
             side = "old" if f.stem == "old" else "new"
             assert cfg.data.train == f"{prep.out}-{scenario}/{side}", f
             seen += 1
-    assert seen == 24
+    # old + every method per scenario: independent l2 l2-weak bct unibct nccl advbct mixbct
+    assert seen == 4 * (1 + 8)
 
 
 def test_prepare_steps_skip_complete_outputs(tmp_path):
