@@ -249,3 +249,15 @@ def test_outputs_pareto_follow_the_front(tmp_path):
     md = (out / "tune.md").read_text()
     assert "(experiment still running)" in md and "## Pareto front" in md
     assert not (out / "best.yaml").exists()
+
+
+@pytest.mark.parametrize("method", ["nccl", "advbct", "mixbct"])
+@pytest.mark.parametrize("where", ["synthetic", "ms1mv3/open-class"])
+def test_method_tune_files_search_their_own_keys(method, where):
+    spec = load_tune_spec(ROOT / "jobs" / "configs" / where / f"tune-{method}.yaml")
+    keys = [p.key for p in spec.space]
+    assert keys and all(k == "compat.weight" or k.startswith(f"compat.{method}_") for k in keys), keys
+    # both ends of every range are valid train configs of that method
+    for end in ("low", "high"):
+        cfg = spec.train_config({p.key: getattr(p, end) for p in spec.space}, name=spec.name)
+        assert cfg.compat.method == method
