@@ -186,7 +186,35 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     r = run_eval(args, connect=connect, log=lambda msg: print(f"[eval] {msg}", flush=True))
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
+    if a.gate:
+        code, line = gate_verdict(r)
+        print(line, flush=True)
+        return code
     return 0
+
+
+EXIT_GATE_FAILED = 3
+
+
+def gate_verdict(report: dict) -> tuple[int, str]:
+    """``eval --gate``: (exit status, the one line a release pipeline shows) from a report:
+    0 when ``compatible`` is true, 3 when it is false or undecided (no cross test, NaN TARs)."""
+    diff = report.get("difference") or {}
+    far = diff.get("far")
+    where = f" at FAR={far:g}" if isinstance(far, (int, float)) else ""
+    value, ci = diff.get("value"), diff.get("ci95")
+    detail = ""
+    if isinstance(value, (int, float)):
+        detail = f": TAR(cross) - TAR(self_old) = {value:+.4f}"
+        if ci:
+            detail += f", 95% interval [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+    comp = report.get("compatible")
+    if comp is True:
+        return 0, f"gate: PASS - the new model is compatible with the old gallery{where}{detail}"
+    if comp is False:
+        return EXIT_GATE_FAILED, (f"gate: FAIL - not compatible{where}{detail}; "
+                                  "deploy only with a backfill of the gallery")
+    return EXIT_GATE_FAILED, f"gate: FAIL - compatibility undecided ({report.get('compatible_rule', 'no rule')})"
 
 
 # ---------------------------------------------------------------- tune
@@ -390,7 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
              "(and, with --bootstrap N, the 95% interval of the difference above 0).\n"
              "With --distractors N each gallery gets N distractor faces embedded by its own\n"
              "model (old galleries: old model, self_new: new model).\n"
-             "Writes OUT/report.json, OUT/report.md, OUT/roc.png, OUT/cmc.png.",
+             "Writes OUT/report.json, OUT/report.md, OUT/roc.png, OUT/cmc.png.\n\n"
+             "Deployment gate (--gate): exit status 0 when the upgrade is compatible, 3 when it\n"
+             "is not (or the verdict is undecided), 2 on a usage/data error, 1 on a failed job;\n"
+             "the last line printed is the verdict. A release pipeline step:\n"
+             "  unibct-ray eval --ijbc /data/ijb --old-checkpoint old.pt --new-checkpoint new.pt \\\n"
+             "      --out reports/candidate --gate",
              _cmd_eval)
     p.add_argument("--ijbc", required=True, type=Path, help="IJB-C root")
     g = p.add_mutually_exclusive_group()
@@ -401,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--new-features", type=Path, default=None)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--criterion-far", type=float, default=1e-4, help="FAR of the compatibility criterion")
+    p.add_argument("--gate", action="store_true",
+                   help="exit 3 unless the new model is compatible (a release pipeline's check; the report "
+                        "is written either way)")
     p.add_argument("--bootstrap", type=int, default=200, help="subject resamples for 95%% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap / distractor seed")
     p.add_argument("--distractors", type=int, default=0, help="distractors added to each 1:N gallery")

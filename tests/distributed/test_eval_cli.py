@@ -221,3 +221,39 @@ def test_ray_shards_kept_between_searches(ray_session):
     s, i = knn(galleries[1], queries, 5)  # outside the block: a call of its own, released after
     assert knn._pool is None
     np.testing.assert_array_equal(i, brute_force_knn(galleries[1], queries, 5)[1])
+
+
+def test_gate_exits_3_unless_compatible(ijbc_dir, tmp_path, capsys):
+    meta = ijbc.read_ijbc_meta(ijbc_dir)
+    np.save(tmp_path / "old.npy", features(meta, 1.5, 1))
+    np.save(tmp_path / "better.npy", features(meta, 0.5, 2))  # same subject centres, less noise
+    common = ["eval", "--ijbc", str(ijbc_dir), "--old-features", str(tmp_path / "old.npy"), "--shards", "1",
+              "--criterion-far", "0.1", "--bootstrap", "0", "--gate"]
+    # the old model against itself: cross == self_old, a difference of exactly 0 is not compatible
+    code = main([*common, "--new-features", str(tmp_path / "old.npy"), "--out", str(tmp_path / "same")])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert code == 3, last
+    assert last == ("gate: FAIL - not compatible at FAR=0.1: TAR(cross) - TAR(self_old) = +0.0000; "
+                    "deploy only with a backfill of the gallery")
+    assert json.loads((tmp_path / "same" / "report.json").read_text())["compatible"] is False  # written anyway
+    code = main([*common, "--new-features", str(tmp_path / "better.npy"), "--out", str(tmp_path / "better")])
+    last = capsys.readouterr().out.splitlines()[-1]
+    rep = json.loads((tmp_path / "better" / "report.json").read_text())
+    diff = rep["verification"]["cross"]["1e-1"] - rep["verification"]["self_old"]["1e-1"]
+    assert diff > 0 and code == 0, last
+    assert last.startswith("gate: PASS - the new model is compatible with the old gallery at FAR=0.1: ")
+    assert f"= {diff:+.4f}" in last
+    # without the flag the exit status does not depend on the verdict
+    assert main([*common[:-1], "--new-features", str(tmp_path / "old.npy"), "--out", str(tmp_path / "nogate")]) == 0
+
+
+def test_gate_verdict_lines():
+    from unibct_ray.cli import gate_verdict
+
+    rep = {"compatible": True, "difference": {"value": 0.0123, "ci95": [0.004, 0.02], "far": 1e-4}}
+    assert gate_verdict(rep) == (0, "gate: PASS - the new model is compatible with the old gallery at FAR=0.0001: "
+                                    "TAR(cross) - TAR(self_old) = +0.0123, 95% interval [+0.0040, +0.0200]")
+    rep = {"compatible": None, "compatible_rule": "not applicable: needs both the old and the new model",
+           "difference": {"value": None, "ci95": None, "far": 1e-4}}
+    assert gate_verdict(rep) == (3, "gate: FAIL - compatibility undecided (not applicable: needs both the old "
+                                    "and the new model)")
