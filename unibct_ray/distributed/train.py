@@ -689,9 +689,14 @@ def _ingest_config(reproducible: bool) -> "ray.train.DataConfig":
     and when blocks land. A ``reproducible`` run (no shuffle buffer) turns locality off: blocks
     then go, in order, to the worker with the fewest rows so far - the same every run."""
     import ray.train
+    from ray.data import DataContext, ExecutionOptions
 
-    opts = ray.train.DataConfig.default_ingest_options()
-    opts.preserve_order = True
+    # Built here rather than by DataConfig.default_ingest_options(), which copies the context's
+    # exclude_resources through a setter Ray 2.60 deprecates (a RayDeprecationWarning on every
+    # run); the ingest keeps the context's resource limits and needs nothing excluded.
+    ctx = DataContext.get_current().execution_options
+    opts = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=True,
+                            verbose_progress=ctx.verbose_progress)
     return ray.train.DataConfig(execution_options={"train": opts}, enable_shard_locality=not reproducible)
 
 
