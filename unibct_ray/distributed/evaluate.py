@@ -272,7 +272,9 @@ def checkpoints_features(meta: ijbc.IJBCMeta, checkpoints: list[Path], cache_dir
         "path": [str(img_dir / n) for n in meta.image_names],
         "landmarks": pa.FixedSizeListArray.from_arrays(pa.array(meta.landmarks.reshape(-1), pa.float32()), 10),
     })
-    ds = ray.data.from_arrow(table).repartition(max(1, min(len(rows) // 256, 4 * actors))).map_batches(
+    blocks = max(1, min(len(rows) // 256, 4 * actors))
+    actors = min(actors, blocks)  # an actor without a block of its own would only start and wait
+    ds = ray.data.from_arrow(table).repartition(blocks).map_batches(
         _AlignEmbed, fn_constructor_kwargs={"checkpoints": ckpts, "use_gpu": gpus_per_actor > 0},
         batch_size=batch_size, batch_format="numpy", **_pool_args(actors, gpus_per_actor),
     )

@@ -98,9 +98,14 @@ def extract_features(
     # fewer files than actors would leave actors idle (measured: all 640 rows of a one-file set
     # went to one of two actors). Blocks of at most 1/4 of an actor's share of the bytes give
     # every actor several; large sets keep Ray's default block size.
-    share = sum(s.bytes for s in src.shards) // max(1, 4 * actors)
+    total = sum(s.bytes for s in src.shards)
+    share = total // max(1, 4 * actors)
+    block = max(64 << 10, share)
     if previous_block is not None:
-        ctx.target_max_block_size = int(min(previous_block, max(64 << 10, share)))
+        block = min(previous_block, block)
+        ctx.target_max_block_size = int(block)
+    # A pool larger than the blocks it will get would start actors that only wait.
+    actors = max(1, min(actors, max(len(src.shards), -(-total // int(block)))))
     try:
         ds = read_shard_set(shards, task_cpus=task_cpus).map_batches(
             Embedder,
