@@ -126,6 +126,57 @@ def test_refinement_actors_killed_for_good_fail_cleanly(ray_session, tmp_path, c
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["l.npy", "n.npy", "o.npy"]
 
 
+# ----------------------------------------------------------------------------- extraction actors
+def test_extraction_actor_with_live_weights_restarts_and_finishes(ray_session, tmp_path):
+    """Live weights (the in-loop refinement's) reach the extraction actors as a file path, not
+    pickled into the pool's constructor arguments: an actor killed mid-pass is restarted and
+    rebuilt from the path, the features equal a plain forward pass, and the file is gone after.
+    (Ray Data still passes its own map transformer by object-store reference, and Ray core logs
+    that restart caution for every pool; the operator holds that reference for the whole pass.)"""
+    import io as _io
+
+    import pyarrow as pa
+    import torch
+    from PIL import Image
+
+    from unibct_ray.data.shards import read_columns, read_manifest, shard_name, write_manifest, write_shard
+    from unibct_ray.distributed.data import FEATURE_COLUMN
+    from unibct_ray.distributed.extract import extract_features
+    from unibct_ray.models.iresnet import build_backbone
+
+    n, size = 256, 32
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    pngs = []
+    for a in pixels:
+        buf = _io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    table = pa.table({"image": pngs, "label": np.arange(n, dtype=np.int64) // 8, "index": np.arange(n, dtype=np.int64)})
+    src = tmp_path / "shards"
+    src.mkdir()
+    infos = [write_shard(src / shard_name(i), table.slice(s, 32)) for i, s in enumerate(range(0, n, 32))]
+    write_manifest(src, infos, rows=n, classes=n // 8, columns=table.column_names)
+    torch.manual_seed(4)
+    spec = {"name": "tiny", "embedding_size": 16, "input_size": size}
+    model = build_backbone(**spec).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "features"
+    got, killed = kill_while_running(
+        lambda: extract_features(src, out, state_dict=state, model_spec=spec, actors=2, batch_size=16,
+                                 task_cpus=0.5),
+        raylet_pid(ray_session), "ray::MapWorker(MapBatches(Embedder))", max_kills=1)
+    assert len(killed) == 1, "no extraction actor was caught running"
+    assert got == out, got
+    cols = read_columns(read_manifest(out), ["index", FEATURE_COLUMN])
+    feats = np.stack(cols[FEATURE_COLUMN]) if cols[FEATURE_COLUMN].dtype == object else cols[FEATURE_COLUMN]
+    x = torch.from_numpy((pixels.astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(feats[np.argsort(cols["index"])], ref, rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features", "shards"]  # the weights file is gone
+
+
 # ----------------------------------------------------------------------------- FAISS shard actors
 def gallery_and_queries(seed: int = 0):
     rng = np.random.default_rng(seed)

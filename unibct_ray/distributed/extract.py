@@ -8,6 +8,7 @@ features (what the l2 loss consumes).
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class Embedder:
     """
 
     def __init__(self, checkpoint: str, column: str, keep_images: bool, image_size: int | None = None,
-                 state_dict: dict | None = None, model_spec: dict | None = None, use_gpu: bool = False):
+                 weights_path: str = "", use_gpu: bool = False):
         from unibct_ray.inference import DeviceEmbedder
 
         if checkpoint:
@@ -39,12 +40,15 @@ class Embedder:
 
             model, cfg, _ = build_backbone_from_checkpoint(checkpoint)
             self.size = image_size or cfg.data.image_size
-        else:  # weights handed over directly (between epochs, from the live run)
+        else:  # the live run's weights, from the file extract_features wrote for this pass
+            import torch
+
             from unibct_ray.models.iresnet import build_backbone
 
-            model = build_backbone(**model_spec)
-            model.load_state_dict(state_dict)
-            self.size = image_size or model_spec["input_size"]
+            saved = torch.load(weights_path, map_location="cpu", weights_only=True)
+            model = build_backbone(**saved["model_spec"])
+            model.load_state_dict(saved["state_dict"])
+            self.size = image_size or saved["model_spec"]["input_size"]
         self.embedder = DeviceEmbedder([model], use_gpu=use_gpu)
         self.column = column
         self.keep_images = keep_images
@@ -85,6 +89,9 @@ def extract_features(
     ``gpus_per_actor``: the GPU share of each actor (``unibct_ray.resources``); > 0 embeds on
     the GPU under fp16 autocast, 0 on one CPU thread per actor in float32. ``batch_size``:
     images per forward pass (``extract_batch`` of the config).
+    ``state_dict`` + ``model_spec`` (no ``checkpoint``): a live run's weights; they are written
+    to a file beside ``out`` for the pass and the actors load them from there, so an actor that
+    Ray restarts mid-pass rebuilds itself from a path, not from freed object-store arguments.
     ``sort_by_label``: rewrite each output file sorted by (label, index), for sets that are read
     by class range (:func:`read_class_range`). Training shards are stored in a permutation,
     so without it every row group would span all classes and no read could skip one.
@@ -106,14 +113,28 @@ def extract_features(
         ctx.target_max_block_size = int(block)
     # A pool larger than the blocks it will get would start actors that only wait.
     actors = max(1, min(actors, max(len(src.shards), -(-total // int(block)))))
+    weights_path = ""
+    if not checkpoint:
+        # Live weights go to a file beside the output (storage every node sees) and the actors
+        # get its path: constructor arguments that large would travel through the object store,
+        # and an actor restarted after its arguments were freed could not be rebuilt.
+        import torch
+
+        from unibct_ray.atomic import atomic_write
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        weights_path = str(Path(out).parent / f".{Path(out).name}.weights-{os.getpid()}.pt")
+        buf = io.BytesIO()
+        torch.save({"state_dict": state_dict, "model_spec": model_spec}, buf)
+        atomic_write(weights_path, buf.getvalue())
     try:
         ds = read_shard_set(shards, task_cpus=task_cpus).map_batches(
             Embedder,
             batch_format="pyarrow",
             batch_size=batch_size,
             fn_constructor_kwargs={"checkpoint": str(checkpoint or ""), "column": column,
-                                   "keep_images": keep_images, "state_dict": state_dict,
-                                   "model_spec": model_spec, "use_gpu": gpus_per_actor > 0},
+                                   "keep_images": keep_images, "weights_path": weights_path,
+                                   "use_gpu": gpus_per_actor > 0},
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor,
             **({"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {}),
@@ -142,6 +163,8 @@ def extract_features(
     finally:
         ctx.execution_options.preserve_order = previous
         ctx.target_max_block_size = previous_block
+        if weights_path:
+            Path(weights_path).unlink(missing_ok=True)
     return Path(out)
 
 
