@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from unibct_ray import small
 from unibct_ray.errors import JobFailedError, UserError
@@ -183,7 +183,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                     new_distractor_features=a.new_distractor_features, index=a.index,
                     shards=a.shards, bootstrap=a.bootstrap, seed=a.seed, actors=a.actors, overwrite=a.overwrite,
                     cache_dir=a.cache_dir, use_gpu=a.use_gpu, gpus_per_actor=a.gpus_per_actor, batch_size=a.batch_size)
-    r = run_eval(args, connect=connect, log=lambda msg: print(f"[eval] {msg}", flush=True))
+    log = lambda msg: print(f"[eval] {msg}", flush=True)  # noqa: E731
+    if a.models is not None:
+        return _eval_matrix(a, args, connect, log)
+    r = run_eval(args, connect=connect, log=log)
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
     if a.gate:
@@ -194,6 +197,28 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 EXIT_GATE_FAILED = 3
+
+
+def _eval_matrix(a: argparse.Namespace, args: Any, connect: Any, log: Any) -> int:
+    from unibct_ray.distributed.evaluate import parse_models, run_matrix
+
+    m = run_matrix(args, parse_models(a.models), a.pairs, connect=connect, log=log)
+    print(f"matrix: {a.out / 'matrix.md'} (heat-map {a.out / 'matrix.png'})")
+    for c in m["cells"]:
+        print(f"  {c['query']} -> {c['gallery']} gallery: {'compatible' if c['compatible'] else 'NOT compatible'}")
+    if not a.gate:
+        return 0
+    bad = [f"{c['query']} -> {c['gallery']}" for c in m["cells"] if c["compatible"] is not True]
+    far = f"{m['criterion_far']:g}"
+    if not m["cells"]:
+        print("gate: FAIL - no pair to decide (give at least two models)", flush=True)
+        return EXIT_GATE_FAILED
+    if bad:
+        print(f"gate: FAIL - not compatible at FAR={far}: {', '.join(bad)}; deploy only with a backfill of "
+              "those galleries", flush=True)
+        return EXIT_GATE_FAILED
+    print(f"gate: PASS - all {len(m['cells'])} pairs compatible at FAR={far}", flush=True)
+    return 0
 
 
 def gate_verdict(report: dict) -> tuple[int, str]:
@@ -252,8 +277,12 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- demo
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from unibct_ray.demo import run_demo
+    from unibct_ray.demo import run_chain, run_demo
 
+    if a.chain:
+        run_chain(Path(a.out), scenario=a.scenario, seed=a.seed, quick=a.quick, methods=a.methods,
+                  overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus)
+        return 0
     run_demo(Path(a.out), scenario=a.scenario, seed=a.seed, quick=a.quick, methods=a.methods,
              overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus)
     return 0
@@ -423,7 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
              "is not (or the verdict is undecided), 2 on a usage/data error, 1 on a failed job;\n"
              "the last line printed is the verdict. A release pipeline step:\n"
              "  unibct-ray eval --ijbc /data/ijb --old-checkpoint old.pt --new-checkpoint new.pt \\\n"
-             "      --out reports/candidate --gate",
+             "      --out reports/candidate --gate\n\n"
+             "Several models (--models NAME=PATH ..., oldest first; checkpoints or .npy features):\n"
+             "the compatibility matrix. Every checkpoint is embedded in one extraction pass, then\n"
+             "each (query, gallery) pair with the query newer (--pairs all), only the newest model\n"
+             "against each older gallery (--pairs latest), or each model against its predecessor\n"
+             "(--pairs adjacent) is scored, with every model's self test on the diagonal. A pair is\n"
+             "compatible when cross(query, gallery) > self(gallery). Writes OUT/matrix.md (tables),\n"
+             "OUT/matrix.png (heat-map), OUT/matrix.json and OUT/pairs/<query>-vs-<gallery>/report.*;\n"
+             "--gate then exits 3 unless every requested pair is compatible.\n"
+             "  unibct-ray eval --ijbc /data/ijb --models v1=v1.pt v2=v2.pt v3=v3.pt --out reports/chain",
              _cmd_eval)
     p.add_argument("--ijbc", required=True, type=Path, help="IJB-C root")
     g = p.add_mutually_exclusive_group()
@@ -432,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--new-checkpoint", type=Path, default=None)
     g.add_argument("--new-features", type=Path, default=None)
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME=PATH",
+                   help="several models, oldest first (checkpoint or .npy features each): evaluate their "
+                        "compatibility matrix instead of one old/new pair")
+    p.add_argument("--pairs", choices=["all", "latest", "adjacent"], default="all",
+                   help="with --models: every query newer than its gallery (all), the newest model against "
+                        "each older one (latest), or each model against its predecessor (adjacent)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--criterion-far", type=float, default=1e-4, help="FAR of the compatibility criterion")
     p.add_argument("--gate", action="store_true",
@@ -503,7 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
              "CPU. Per scenario: train the old model and one new model per method, evaluate each\n"
              "(self_old, self_new, cross on the synthetic IJB-C) and write DIR/summary.json\n"
              "({scenario: {method: report}}), DIR/summary.md and DIR/summary.png. Data are cached and\n"
-             "finished runs reused between invocations; configs: jobs/configs/synthetic/*.yaml.",
+             "finished runs reused between invocations; configs: jobs/configs/synthetic/*.yaml.\n\n"
+             "--chain: two upgrades in a row per method, v1 (the old model) -> v2 (the new split,\n"
+             "compatible with v1) -> v3 (every training identity, compatible with v2 only), then the\n"
+             "compatibility matrix of each chain: every (query, gallery) pair with the query newer or\n"
+             "equal, 1:1 and 1:N. Writes DIR/chain.md (tables), DIR/chain.png (heat-maps),\n"
+             "DIR/chain.json. Default methods with --chain: independent bct unibct. It reuses the\n"
+             "demo's finished old and new models from the same DIR.",
              _cmd_demo)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working directory")
     p.add_argument("--scenario", default="open-class",
@@ -514,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help="new-model methods (default: independent l2 bct unibct; also nccl, advbct, mixbct, "
                         "l2-weak, unibct-column = the column-softmax refinement ablation)")
+    p.add_argument("--chain", action="store_true",
+                   help="multi-step upgrades v1 -> v2 -> v3 per method and their compatibility matrix")
     p.add_argument("--overwrite", action="store_true", help="retrain and re-evaluate (the rendered data stay cached)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")

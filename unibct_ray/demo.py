@@ -33,8 +33,8 @@ from typing import Any
 
 from unibct_ray.errors import UserError
 
-__all__ = ["run_demo", "DemoPlan", "demo_plan", "DEMO_CONFIGS", "SCENARIOS", "METHODS", "DEMO_FAR",
-           "demo_checks", "write_summary"]
+__all__ = ["run_demo", "run_chain", "CHAIN_METHODS", "DemoPlan", "demo_plan", "DEMO_CONFIGS", "SCENARIOS", "METHODS", "DEMO_FAR",
+           "demo_checks", "write_summary", "start"]
 
 DEMO_CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "synthetic"
 SCENARIOS = ("open-class", "open-data", "extended-class", "extended-data")
@@ -191,19 +191,21 @@ def _prepare_data(out: Path, plan: DemoPlan, seed: int, scenarios: list[str],
     return synth, splits
 
 
-def _method_config(method: str, split: Path, runs: Path, old_ckpt: Path, cache: Path, plan: DemoPlan,
-                   seed: int) -> Any:
+def _method_config(method: str, train: Path, runs: Path, old_ckpt: Path, cache: Path, plan: DemoPlan,
+                   seed: int, more: tuple[str, ...] = ()) -> Any:
+    """The config of ``method``'s new model trained on the shards ``train`` against ``old_ckpt``;
+    ``more``: overrides applied last (a chain's later step renames its run)."""
     from unibct_ray.config import load_config
 
     file, extra = METHODS[method]
-    sets = [f"data.train={split / 'new'}", f"storage={runs}", f"compat.old_checkpoint={old_ckpt}",
+    sets = [f"data.train={train}", f"storage={runs}", f"compat.old_checkpoint={old_ckpt}",
             f"compat.old_features_cache={cache}", f"seed={seed}", f"data.image_size={plan.image_size}",
             *extra, *plan.extra]
     if plan.epochs is not None:
         sets.append(f"optim.epochs={plan.epochs}")
     if plan.refine_epochs is not None:
         sets.append(f"compat.refine_epochs=[{', '.join(map(str, plan.refine_epochs))}]")
-    return load_config(DEMO_CONFIGS / file, sets)
+    return load_config(DEMO_CONFIGS / file, [*sets, *more])
 
 
 def demo_checks(results: dict[str, dict[str, Any]], far: str = DEMO_FAR) -> list[tuple[str, bool | None]]:
@@ -304,33 +306,57 @@ def _check_out(out: Path) -> None:
     (out / MARKER).write_text("unibct-ray demo output; safe to delete\n")
 
 
-def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: bool = False,
-             methods: list[str] | None = None, overwrite: bool = False, address: str | None = None,
-             num_cpus: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """Run the demo into ``out``; returns the summary ``{scenario: {method: report}}``."""
-    from unibct_ray.config import load_config
-    from unibct_ray.data.ijbc import read_ijbc_meta
-    from unibct_ray.distributed.evaluate import EvalArgs, checkpoints_features, run_eval
-    from unibct_ray.distributed.runtime import ensure_ray
-
+def _check_choices(scenario: str, methods: list[str] | None, default: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(scenarios, methods) from ``--scenario`` and ``--methods``, each checked."""
     scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
     for sc in scenarios:
         if sc not in SCENARIOS:
             raise UserError(f"--scenario must be one of {', '.join(SCENARIOS)} or all, got {sc!r}")
-    methods = list(methods or DEFAULT_METHODS)
+    methods = list(methods or default)
     for m in methods:
         if m not in METHODS:
             raise UserError(f"--methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
     if not DEMO_CONFIGS.is_dir():
         raise UserError(f"{DEMO_CONFIGS}: demo configs not found (run from a checkout of the project)")
+    return scenarios, methods
+
+
+def start(out: Path, address: str | None, num_cpus: int | None) -> Path:
+    """Claim ``out`` as a demo directory and connect to Ray (no Ray Data progress bars: the
+    demo prints a line per phase). Returns ``out`` resolved."""
+    from unibct_ray.distributed.runtime import ensure_ray
+
     out = Path(out).resolve()
     _check_out(out)
-    plans = {sc: demo_plan(quick, sc) for sc in scenarios}
-    t0 = time.perf_counter()
     ensure_ray(address, num_cpus=num_cpus)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    return out
+
+
+def _old_config(split: Path, runs: Path, plan: DemoPlan, seed: int) -> Any:
+    """The old model's config: ``old.yaml`` on the scenario's old split."""
+    from unibct_ray.config import load_config
+
+    sets = [f"data.train={split / 'old'}", f"storage={runs}", f"seed={seed}",
+            f"data.image_size={plan.image_size}", *plan.extra]
+    if plan.epochs is not None:
+        sets.append(f"optim.epochs={plan.epochs}")
+    return load_config(DEMO_CONFIGS / "old.yaml", sets)
+
+
+def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: bool = False,
+             methods: list[str] | None = None, overwrite: bool = False, address: str | None = None,
+             num_cpus: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Run the demo into ``out``; returns the summary ``{scenario: {method: report}}``."""
+    from unibct_ray.data.ijbc import read_ijbc_meta
+    from unibct_ray.distributed.evaluate import EvalArgs, checkpoints_features, run_eval
+
+    scenarios, methods = _check_choices(scenario, methods, DEFAULT_METHODS)
+    plans = {sc: demo_plan(quick, sc) for sc in scenarios}
+    t0 = time.perf_counter()
+    out = start(out, address, num_cpus)
 
     tag = f"seed-{seed}" + ("-quick" if quick else "")
     summary: dict[str, dict[str, dict[str, Any]]] = {}
@@ -345,15 +371,11 @@ def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: b
         if overwrite and base.exists():
             shutil.rmtree(base)
         _say(f"2/5 [{sc}] split (r = {plan.split_ratio}) in {split}")
-        sets = [f"data.train={split / 'old'}", f"storage={runs}", f"seed={seed}",
-                f"data.image_size={plan.image_size}", *plan.extra]
-        if plan.epochs is not None:
-            sets.append(f"optim.epochs={plan.epochs}")
-        old_cfg = load_config(DEMO_CONFIGS / "old.yaml", sets)
+        old_cfg = _old_config(split, runs, plan, seed)
         _say(f"3/5 [{sc}] training the old model ({old_cfg.model.backbone}, {old_cfg.optim.epochs} epochs, "
              f"{old_cfg.num_workers} Ray Train workers)")
         old_ckpt = _train_or_reuse(old_cfg)
-        cfgs = [_method_config(m, split, runs, old_ckpt, out / "cache" / "old-features", plan, seed) for m in methods]
+        cfgs = [_method_config(m, split / "new", runs, old_ckpt, out / "cache" / "old-features", plan, seed) for m in methods]
         for i, (m, cfg) in enumerate(zip(methods, cfgs), 1):
             extra = f", refinement at epochs {list(cfg.compat.refine_epochs)}" if cfg.compat.method == "unibct" else ""
             _say(f"4/5 [{sc}] new model {i}/{len(methods)}: {m} ({cfg.optim.epochs} epochs{extra})")
@@ -386,6 +408,128 @@ def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: b
     print("\n".join(md[len(header):]), flush=True)
     _say(f"done in {time.perf_counter() - t0:.0f} s: {out / 'summary.md'}, summary.json, summary.png")
     return summary
+
+
+CHAIN_METHODS = ("independent", "bct", "unibct")
+CHAIN_STEPS = ("v1", "v2", "v3")
+
+
+def _chain_markdown(header: list[str], matrices: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    from unibct_ray.metrics.matrix import matrix_markdown
+
+    md = [*header, ""]
+    for sc, per_method in matrices.items():
+        for m, matrix in per_method.items():
+            md += matrix_markdown(matrix, far=DEMO_FAR, title=f"{sc}: {m} (v1 -> v2 -> v3)")
+            md.append("")
+    return md
+
+
+def _chain_plot(matrices: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    """One heat-map per (scenario, method): 1:1 TAR at DEMO_FAR of every (query, gallery)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from unibct_ray.atomic import atomic_write
+    from unibct_ray.metrics.matrix import draw_matrix
+
+    panels = [(sc, m, mx) for sc, per in matrices.items() for m, mx in per.items()]
+    fig = Figure(figsize=(4.0 * len(panels) + 0.8, 3.9), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    im = None
+    for ax, (sc, m, mx) in zip(axes, panels):
+        im = draw_matrix(ax, mx, far=DEMO_FAR, title=f"{m} ({sc})\n1:1 TAR @ FAR={DEMO_FAR}")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.02)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
+
+
+def run_chain(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: bool = False,
+              methods: list[str] | None = None, overwrite: bool = False, address: str | None = None,
+              num_cpus: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """``unibct-ray demo --chain``: two upgrades in a row, v1 -> v2 -> v3, per method.
+
+    v1 is the demo's old model (the scenario's old split); v2 is the method's new model on the
+    new split, compatible with v1 (the demo's own new model: a finished demo run is reused);
+    v3 trains on the whole training set (every identity: each release sees more data),
+    compatible with v2 only, by the same method. The IJB-C features of every model come from
+    one extraction pass; then each method's matrix (every query model against every older or
+    equal gallery model, 1:1 and 1:N) is scored. Writes ``DIR/chain.md`` (the matrices as
+    tables), ``DIR/chain.png`` (a heat-map per method), ``DIR/chain.json``, and each
+    method's matrix and pair reports under ``DIR/<scenario>/<tag>/chain/<method>/``.
+
+    Returns ``{scenario: {method: matrix}}`` (:func:`unibct_ray.metrics.matrix.evaluate_matrix`).
+    """
+    from unibct_ray.data.ijbc import read_ijbc_meta
+    from unibct_ray.data.shards import atomic_write_text
+    from unibct_ray.distributed.evaluate import EvalArgs, checkpoints_features
+    from unibct_ray.metrics.matrix import evaluate_matrix, write_matrix
+
+    scenarios, methods = _check_choices(scenario, methods, CHAIN_METHODS)
+    t0 = time.perf_counter()
+    out = start(out, address, num_cpus)
+    tag = f"seed-{seed}" + ("-quick" if quick else "")
+    matrices: dict[str, dict[str, dict[str, Any]]] = {}
+    plans = {sc: demo_plan(quick, sc) for sc in scenarios}
+    for sc in scenarios:
+        plan = plans[sc]
+        synth, splits = _prepare_data(out, plan, seed, [sc])
+        split, whole = splits[sc], splits[sc].parent.parent / "shards"
+        base = out / sc / tag
+        runs = base / "runs"
+        if overwrite and base.exists():
+            shutil.rmtree(base)
+        cache = out / "cache" / "old-features"
+        _say(f"2/5 [{sc}] v1: the old model on the old split ({split / 'old'})")
+        v1 = _train_or_reuse(_old_config(split, runs, plan, seed))
+        _say(f"3/5 [{sc}] v2 of {', '.join(methods)}: the new split, each compatible with v1 (one Ray Train fit)")
+        v2 = dict(zip(methods, _train_or_reuse_group(
+            [_method_config(m, split / "new", runs, v1, cache, plan, seed) for m in methods])))
+        _say(f"4/5 [{sc}] v3 of {', '.join(methods)}: every training identity ({whole}), each compatible "
+             "with its v2 (one Ray Train fit)")
+        v3_cfgs = []
+        for m in methods:
+            name = _method_config(m, split / "new", runs, v1, cache, plan, seed).name
+            v3_cfgs.append(_method_config(m, whole, runs, v2[m], cache, plan, seed, (f"name={name}-v3",)))
+        v3 = dict(zip(methods, _train_or_reuse_group(v3_cfgs)))
+        _say(f"5/5 [{sc}] the compatibility matrix of each chain on the synthetic IJB-C")
+        meta = read_ijbc_meta(synth)
+        ckpts = [v1, *v2.values(), *v3.values()]
+        feats = dict(zip(map(str, ckpts), checkpoints_features(meta, ckpts, out / "cache" / "ijbc-features",
+                                                               EvalArgs.actors)))
+        matrices[sc] = {}
+        for m in methods:
+            chain = {"v1": feats[str(v1)], "v2": feats[str(v2[m])], "v3": feats[str(v3[m])]}
+            mx, pair_runs = evaluate_matrix(meta, chain, list(CHAIN_STEPS), criterion_far=float(DEMO_FAR),
+                                            bootstrap=plan.bootstrap, seed=seed)
+            mx["sources"] = {"v1": str(v1), "v2": str(v2[m]), "v3": str(v3[m])}
+            where = base / "chain" / m
+            if where.exists():
+                shutil.rmtree(where)  # the demo's own report; checkpoints and features stay
+            write_matrix(mx, where, pair_runs, title=f"{m}: v1 -> v2 -> v3 ({sc})")
+            matrices[sc][m] = mx
+            cells = {(c["query"], c["gallery"]): c for c in mx["cells"]}
+            _say(f"    {m}: " + ", ".join(f"{q}->{g} {'yes' if cells[q, g]['compatible'] else 'no'}"
+                                       for q, g in (("v2", "v1"), ("v3", "v2"), ("v3", "v1"))))
+    header = [f"# unibct-ray demo --chain ({'quick, ' if quick else ''}seed {seed})", "",
+              "v1: the old model (old split); v2: each method's new model (new split), compatible with v1; "
+              "v3: every training identity, compatible with v2 only, by the same method.",
+              f"1:1 TAR at FAR={DEMO_FAR} and 1:N top-1 on the synthetic IJB-C; a pair (query, gallery) is "
+              "compatible when cross(query, gallery) > self(gallery)"
+              + (" and the 95% subject-bootstrap interval of the difference is above 0." if any(
+                  p.bootstrap for p in plans.values()) else " (bootstrap off with --quick)."), ""]
+    md = _chain_markdown(header, matrices)
+    atomic_write_text(out / "chain.json", json.dumps(matrices, indent=2) + "\n")
+    atomic_write_text(out / "chain.md", "\n".join(md) + "\n")
+    _chain_plot(matrices, out / "chain.png")
+    print("\n".join(md[len(header):]), flush=True)
+    _say(f"done in {time.perf_counter() - t0:.0f} s: {out / 'chain.md'}, chain.png, chain.json")
+    return matrices
 
 
 def aggregate(summaries: list[dict[str, dict[str, dict[str, Any]]]], far: str = DEMO_FAR) -> list[str]:

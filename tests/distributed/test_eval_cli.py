@@ -257,3 +257,50 @@ def test_gate_verdict_lines():
            "difference": {"value": None, "ci95": None, "far": 1e-4}}
     assert gate_verdict(rep) == (3, "gate: FAIL - compatibility undecided (not applicable: needs both the old "
                                     "and the new model)")
+
+
+def test_models_matrix_from_the_command_line(ijbc_dir, tmp_path, capsys):
+    """``--models``: three models, the matrix of every pair, the gate over all of them."""
+    meta = ijbc.read_ijbc_meta(ijbc_dir)
+    v1, v2 = features(meta, 1.5, 1), features(meta, 0.5, 2)
+    q, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((16, 16)))
+    v3 = (v2 @ q).astype(np.float32)  # as good as v2, in another space
+    for name, f in (("v1", v1), ("v2", v2), ("v3", v3)):
+        np.save(tmp_path / f"{name}.npy", f)
+    models = [f"{n}={tmp_path / n}.npy" for n in ("v1", "v2", "v3")]
+    out = tmp_path / "m"
+    code = main(["eval", "--ijbc", str(ijbc_dir), "--models", *models, "--out", str(out), "--bootstrap", "0",
+                 "--criterion-far", "0.1", "--gate"])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 3, printed
+    assert printed[-1].startswith("gate: FAIL - not compatible at FAR=0.1: v3 -> v1, v3 -> v2;"), printed[-1]
+    m = json.loads((out / "matrix.json").read_text())
+    assert m["models"] == ["v1", "v2", "v3"] and m["pairs"] == [["v2", "v1"], ["v3", "v1"], ["v3", "v2"]]
+    assert [c["compatible"] for c in m["cells"]] == [True, False, False]
+    # v2 -> v1 is the pair evaluation of the single-pair command (old = gallery model)
+    assert main(["eval", "--ijbc", str(ijbc_dir), "--old-features", str(tmp_path / "v1.npy"), "--new-features",
+                 str(tmp_path / "v2.npy"), "--out", str(tmp_path / "pair"), "--bootstrap", "0",
+                 "--criterion-far", "0.1"]) == 0
+    pair = json.loads((tmp_path / "pair" / "report.json").read_text())
+    assert m["cells"][0]["verification"] == pair["verification"]["cross"]
+    assert m["self"]["v1"]["verification"] == pair["verification"]["self_old"]
+    assert json.loads((out / "pairs" / "v2-vs-v1" / "report.json").read_text())["verification"] == pair["verification"]
+    assert (out / "matrix.png").stat().st_size > 0 and "| v3 |" in (out / "matrix.md").read_text()
+    capsys.readouterr()
+    # --pairs adjacent with the gate: v2 -> v1 passes, v3 -> v2 fails; an existing matrix is kept
+    assert main(["eval", "--ijbc", str(ijbc_dir), "--models", *models, "--out", str(out)]) == 2
+    assert "matrix.json: already exists" in capsys.readouterr().err
+    code = main(["eval", "--ijbc", str(ijbc_dir), "--models", *models[:2], "--out", str(tmp_path / "a"),
+                 "--bootstrap", "0", "--criterion-far", "0.1", "--pairs", "latest", "--gate"])
+    assert code == 0 and capsys.readouterr().out.splitlines()[-1] == "gate: PASS - all 1 pairs compatible at FAR=0.1"
+
+
+@pytest.mark.parametrize("models, needle", [
+    (["a=x.npy", "a=y.npy"], "given twice"),
+    (["../up=x.npy"], "a model name is"),
+    (["v1=missing.npy"], "not found"),
+])
+def test_models_bad_arguments(ijbc_dir, tmp_path, capsys, models, needle):
+    code = main(["eval", "--ijbc", str(ijbc_dir), "--models", *models, "--out", str(tmp_path / "o")])
+    assert code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -241,10 +241,9 @@ def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = Fa
     from unibct_ray.data.shards import atomic_write_text
     from unibct_ray.data.splits import SCENARIOS
     from unibct_ray.data.synth import SynthSpec
-    from unibct_ray.demo import (DEMO_CONFIGS, METHODS, DemoPlan, _check_out, _method_config, _prepare_data,
-                                 _train_or_reuse, _train_or_reuse_group)
+    from unibct_ray.demo import (DEMO_CONFIGS, METHODS, DemoPlan, _method_config, _prepare_data, _train_or_reuse,
+                                 _train_or_reuse_group, start)
     from unibct_ray.distributed.evaluate import EvalArgs, checkpoints_features
-    from unibct_ray.distributed.runtime import ensure_ray
     from unibct_ray.errors import UserError
 
     if scenario not in SCENARIOS:
@@ -262,13 +261,8 @@ def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = Fa
         raise UserError("--seeds: at least one seed")
     if any(w <= 0 for w in plan.weights):
         raise UserError(f"--weights must be > 0, got {list(plan.weights)}")
-    out = Path(out).resolve()
-    _check_out(out)
     t0 = time.perf_counter()
-    ensure_ray(address, num_cpus=num_cpus)
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    out = start(out, address, num_cpus)
 
     spec = SynthSpec(identities=plan.identities, images_per_identity=plan.images_per_identity, size=plan.image_size,
                      long_tail=plan.long_tail, label_noise=plan.label_noise, outliers=plan.outliers, seed=0,
@@ -297,15 +291,15 @@ def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = Fa
     groups: dict[int, list[tuple[str, Any]]] = {s: [] for s in plan.seeds}  # seed -> [(key, config)]
     for s in plan.seeds:
         for m in methods:
-            groups[s].append((f"{m}/seed-{s}", _method_config(m, split, runs / f"seed-{s}", old_ckpt,
+            groups[s].append((f"{m}/seed-{s}", _method_config(m, split / "new", runs / f"seed-{s}", old_ckpt,
                                                               cache / "old-features", dplan, s)))
     sweep_methods = [m for m in methods if m != "independent"]
     for f in plan.weights:
         for m in sweep_methods:
-            base = _method_config(m, split, runs, old_ckpt, cache / "old-features", dplan, plan.seeds[0])
+            base = _method_config(m, split / "new", runs, old_ckpt, cache / "old-features", dplan, plan.seeds[0])
             w_plan = replace(dplan, extra=(*dplan.extra, f"compat.weight={base.compat.weight * f:g}"))
             groups[plan.seeds[0]].append((f"{m}/weight-x{f:g}", _method_config(
-                m, split, runs / f"weight-x{f:g}", old_ckpt, cache / "old-features", w_plan, plan.seeds[0])))
+                m, split / "new", runs / f"weight-x{f:g}", old_ckpt, cache / "old-features", w_plan, plan.seeds[0])))
     n_jobs = sum(map(len, groups.values()))
     _say(f"[{scenario}] {n_jobs} new models ({plan.new_backbone}): {len(methods)} methods x {len(plan.seeds)} seeds"
          + (f" + a weight sweep x{list(plan.weights)}" if plan.weights else "") + ", one Ray Train fit per seed")

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from unibct_ray.errors import DataFormatError, UserError, npy_error
 # ray, pyarrow and torch are imported where they are used: an evaluation of feature files
 # whose gallery fits one process runs without them (no Ray start, no torch import).
 
-__all__ = ["EvalArgs", "run_eval", "auto_shards", "flip_protocol", "load_feature_file", "checkpoint_features",
+__all__ = ["EvalArgs", "run_eval", "run_matrix", "parse_models", "auto_shards", "flip_protocol", "load_feature_file", "checkpoint_features",
            "checkpoints_features"]
 
 #: Search work (gallery rows x probes x dim, per 1:N search) above which ``auto_shards``
@@ -479,6 +480,54 @@ def auto_shards(gallery_rows: int, probes: int, dim: int) -> int:
     return 2 if float(gallery_rows) * probes * dim > SHARD_WORK_THRESHOLD else 1
 
 
+def _knn_backend(a: EvalArgs, shards: int, gpus: float) -> tuple[Any, contextlib.AbstractContextManager, Any]:
+    """(1:N backend, a context that keeps its actors up, the recall probe or None).
+
+    ``shards`` > 1: FAISS shards on Ray actors (they stay up for every search of the
+    evaluation); otherwise one in-process FAISS index. An approximate index is wrapped in a
+    probe that measures its recall against exact search.
+    """
+    from unibct_ray.metrics.distractors import RecallKNN
+    from unibct_ray.metrics.knn import FaissKNN
+
+    if shards > 1:
+        from unibct_ray.distributed.knn import RayShardedKNN
+
+        base: Any = RayShardedKNN(shards=shards, index=a.index, gpus_per_shard=gpus)
+        keep_up: contextlib.AbstractContextManager = base
+    else:
+        base = FaissKNN(index=a.index, use_gpu=a.use_gpu)
+        keep_up = contextlib.nullcontext()
+    return base, keep_up, RecallKNN(base) if a.index != "flat" else None
+
+
+def _check_common(a: EvalArgs, report_name: str) -> None:
+    """The flags every evaluation checks before reading anything."""
+    if (a.out / report_name).exists() and not a.overwrite:
+        raise UserError(f"{a.out}/{report_name}: already exists (pass --overwrite to replace it)")
+    if a.index not in ("flat", "ivf", "hnsw"):
+        raise UserError(f"--index must be flat, ivf or hnsw, got {a.index!r}")
+    if not 0 < a.gpus_per_actor <= 1:
+        raise UserError(f"--gpus-per-actor must be in (0, 1], got {a.gpus_per_actor}")
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.shards is not None and a.shards < 1:
+        raise UserError(f"--shards must be >= 1, got {a.shards}")
+
+
+def _read_meta(a: EvalArgs, say: Callable[[str], None]) -> tuple[Path, ijbc.IJBCMeta, Callable[[], None] | None]:
+    """(cache dir, the IJB-C meta, its cache writer or None when it came from the cache), with
+    the phase's line."""
+    cache = a.cache_dir if a.cache_dir is not None else a.out / "cache"
+    t = time.perf_counter()
+    meta, save_meta_cache = ijbc.read_ijbc_meta_cached(a.ijbc, cache)
+    say(f"IJB-C {meta.root}: {len(meta.image_names)} images, {len(np.unique(meta.templates))} templates, "
+        f"{len(meta.pair_labels)} 1:1 pairs, 1:N galleries G1 {len(meta.gallery1)} / G2 {len(meta.gallery2)} and "
+        f"{len(meta.probes)} probe templates (meta {'parsed' if save_meta_cache else 'from the cache'} in "
+        f"{time.perf_counter() - t:.1f} s)")
+    return cache, meta, save_meta_cache
+
+
 def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None,
              log: Callable[[str], None] | None = None) -> dict:
     """Evaluate and write ``OUT/report.json``, ``report.md``, ``roc.png``, ``cmc.png``.
@@ -492,33 +541,18 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None,
     ``log`` (the CLI prints it) gets a line per phase, with counts and times: the IJB-C meta,
     Ray's start, feature extraction, distractors, the metrics.
     """
-    from unibct_ray.metrics.distractors import DistractorKNN, RecallKNN
+    from unibct_ray.metrics.distractors import DistractorKNN
     from unibct_ray.metrics.evaluate import evaluate_features
-    from unibct_ray.metrics.knn import FaissKNN
     from unibct_ray.metrics.report import write_report
 
     if a.old_checkpoint and a.old_features or a.new_checkpoint and a.new_features:
         raise UserError("give a checkpoint or a feature file per model, not both")
     if not any([a.old_checkpoint, a.old_features, a.new_checkpoint, a.new_features]):
         raise UserError("nothing to evaluate: give --old-checkpoint/--old-features and/or --new-checkpoint/--new-features")
-    if (a.out / "report.json").exists() and not a.overwrite:
-        raise UserError(f"{a.out}/report.json: already exists (pass --overwrite to replace it)")
-    if a.index not in ("flat", "ivf", "hnsw"):
-        raise UserError(f"--index must be flat, ivf or hnsw, got {a.index!r}")
-    if not 0 < a.gpus_per_actor <= 1:
-        raise UserError(f"--gpus-per-actor must be in (0, 1], got {a.gpus_per_actor}")
-    if a.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.shards is not None and a.shards < 1:
-        raise UserError(f"--shards must be >= 1, got {a.shards}")
+    _check_common(a, "report.json")
     say = log or (lambda _msg: None)
-    cache = a.cache_dir if a.cache_dir is not None else a.out / "cache"
-    t = time.perf_counter()
-    meta, save_meta_cache = ijbc.read_ijbc_meta_cached(a.ijbc, cache)
+    cache, meta, save_meta_cache = _read_meta(a, say)
     n = len(meta.image_names)
-    say(f"IJB-C {meta.root}: {n} images, {len(np.unique(meta.templates))} templates, {len(meta.pair_labels)} 1:1 "
-        f"pairs, 1:N galleries G1 {len(meta.gallery1)} / G2 {len(meta.gallery2)} and {len(meta.probes)} probe "
-        f"templates (meta {'parsed' if save_meta_cache else 'from the cache'} in {time.perf_counter() - t:.1f} s)")
 
     # Check every input before any work: a bad one fails fast and leaves nothing under OUT.
     loaded: dict[str, np.ndarray] = {}
@@ -562,16 +596,7 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None,
                                                       overwrite=a.overwrite, gpus_per_actor=gpus,
                                                       batch_size=a.batch_size, log=say)))
     old, new = loaded.get("old"), loaded.get("new")
-    if shards > 1:
-        from unibct_ray.distributed.knn import RayShardedKNN
-
-        base = RayShardedKNN(shards=shards, index=a.index, gpus_per_shard=gpus)
-        # The shard actors stay up for the evaluation's six searches (3 tests x 2 galleries).
-        keep_up: contextlib.AbstractContextManager = base
-    else:
-        base = FaissKNN(index=a.index, use_gpu=a.use_gpu)
-        keep_up = contextlib.nullcontext()
-    recall = RecallKNN(base) if a.index != "flat" else None
+    base, keep_up, recall = _knn_backend(a, shards, gpus)
     knn = recall or base
     t = time.perf_counter()
     if a.distractors > 0:
@@ -615,3 +640,100 @@ def run_eval(a: EvalArgs, connect: Callable[[], None] | None = None,
     a.out.mkdir(parents=True, exist_ok=True)
     write_report(report, a.out, curves.roc, curves.cmc)
     return report
+
+
+#: A model's name in ``--models NAME=PATH``: it names folders and table rows.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def parse_models(specs: list[str]) -> list[tuple[str, Path]]:
+    """``NAME=PATH`` items, oldest model first -> [(name, path)]; a ``.npy`` path is a feature
+    file, anything else a checkpoint. A bare PATH is named after its file (``final`` of
+    ``runs/x/final.pt`` is taken from the run folder instead, ``x``)."""
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            p = Path(spec)
+            name, path = (p.parent.name if p.stem == "final" else p.stem), spec
+        if not _MODEL_NAME.fullmatch(name):
+            raise UserError(f"--models {spec!r}: a model name is 1-64 letters, digits or ._+- (it names a folder)")
+        if not path:
+            raise UserError(f"--models {spec!r}: no path after '='")
+        out.append((name, Path(path)))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"--models: the name(s) {', '.join(dup)} are given twice; name each model (NAME=PATH)")
+    return out
+
+
+def run_matrix(a: EvalArgs, models: list[tuple[str, Path]], pairs: str = "all",
+               connect: Callable[[], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """``unibct-ray eval --models``: the compatibility matrix of any number of models.
+
+    ``models`` (oldest first) are checkpoints or ``.npy`` feature files; every checkpoint not
+    yet cached is embedded in one extraction pass (one actor pool, each image read and aligned
+    once), then each requested (query, gallery) pair is scored
+    (:func:`unibct_ray.metrics.matrix.evaluate_matrix`). Writes ``OUT/matrix.{md,png,json}``
+    and each pair's full report under ``OUT/pairs/<query>-vs-<gallery>/``. Every input is
+    checked first, as in :func:`run_eval`.
+    """
+    from unibct_ray.metrics.matrix import PAIR_RULES, evaluate_matrix, write_matrix
+
+    _check_common(a, "matrix.json")
+    if not models:
+        raise UserError("--models: give at least one NAME=PATH")
+    if pairs not in PAIR_RULES:
+        raise UserError(f"--pairs must be one of {', '.join(PAIR_RULES)}, got {pairs!r}")
+    if a.distractors:
+        raise UserError("--distractors works with --old-*/--new-* (one pair); a --models matrix has none")
+    if any([a.old_checkpoint, a.old_features, a.new_checkpoint, a.new_features]):
+        raise UserError("give --models or --old-*/--new-*, not both")
+    say = log or (lambda _msg: None)
+    cache, meta, save_meta_cache = _read_meta(a, say)
+    n = len(meta.image_names)
+    feats: dict[str, np.ndarray] = {}
+    dims: dict[str, tuple[Path, int]] = {}
+    ckpts: dict[str, Path] = {}
+    for name, path in models:
+        if not path.is_file():
+            raise UserError(f"{path}: model {name!r} not found")
+        if path.suffix == ".npy":
+            feats[name] = load_feature_file(path, n, f"features of {name}")
+            dims[name] = (path, feats[name].shape[1])
+        else:
+            ckpts[name] = path
+            dims[name] = (path, check_checkpoint(path))
+    (first, (src0, d0)), *rest = dims.items()
+    for name, (src, d) in rest:
+        if d != d0:
+            raise DataFormatError(f"{src}: embedding size {d} of {name!r} differs from {first!r}'s {d0} ({src0}); "
+                                  "cross-model tests need one embedding space")
+    shards = a.shards if a.shards is not None else auto_shards(max(len(meta.gallery1), len(meta.gallery2)),
+                                                               len(meta.probes), d0)
+    if connect is not None and (ckpts or shards > 1):
+        t = time.perf_counter()
+        connect()
+        say(f"Ray ready in {time.perf_counter() - t:.1f} s")
+    gpus = a.gpus_per_actor if a.use_gpu else 0.0
+    if ckpts:
+        say(f"embedding with {len(ckpts)} checkpoint(s) in one pass: {', '.join(ckpts)}")
+        feats.update(zip(ckpts, checkpoints_features(meta, list(ckpts.values()), cache, a.actors,
+                                                     overwrite=a.overwrite, gpus_per_actor=gpus,
+                                                     batch_size=a.batch_size, log=say)))
+    order = [name for name, _ in models]
+    base, keep_up, recall = _knn_backend(a, shards, gpus)
+    t = time.perf_counter()
+    with keep_up:
+        matrix, runs = evaluate_matrix(meta, feats, order, pairs=pairs, knn=recall or base,
+                                       criterion_far=a.criterion_far, bootstrap=a.bootstrap, seed=a.seed)
+    say(f"scored {len(matrix['cells'])} pair(s) and {len(order)} self test(s) in {time.perf_counter() - t:.1f} s")
+    matrix["sources"] = {name: str(path) for name, path in models}
+    matrix["protocol"] = {"ijbc": str(meta.root), "index": a.index, "shards": shards,
+                          "inference_device": f"GPU ({gpus:g} per actor, fp16 autocast)" if gpus else "CPU (float32)",
+                          "flip": flip_protocol({m: "checkpoint" if m in ckpts else "features" for m in order})}
+    if save_meta_cache is not None:
+        save_meta_cache()
+    write_matrix(matrix, a.out, runs, title="Compatibility matrix: " + " -> ".join(order))
+    return matrix
