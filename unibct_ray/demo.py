@@ -151,6 +151,24 @@ def _train_or_reuse_group(cfgs: list[Any]) -> list[Path]:
     return out
 
 
+def _train_by_old_model(cfgs: list[Any]) -> list[Path]:
+    """``_train_or_reuse_group`` for runs against different old models: one fit per old
+    checkpoint (a group reads one dataset, with one old model's features as a column); the
+    ``independent`` runs need none and join the first fit."""
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        if c.compat.method != "independent":
+            groups.setdefault(str(Path(c.compat.old_checkpoint).resolve()), []).append(i)
+    free = [i for i, c in enumerate(cfgs) if c.compat.method == "independent"]
+    order = list(groups.values()) or [[]]
+    order[0] = free + order[0]
+    out: list[Path | None] = [None] * len(cfgs)
+    for idx in order:
+        for i, ckpt in zip(idx, _train_or_reuse_group([cfgs[i] for i in idx])):
+            out[i] = ckpt
+    return out  # type: ignore[return-value]
+
+
 def _prepare_data(out: Path, plan: DemoPlan, seed: int, scenarios: list[str],
                   spec: Any = None) -> tuple[Path, dict[str, Path]]:
     """Render + convert + split once per (sizes, seed); returns (synth dir, {scenario: split dir}).
@@ -491,12 +509,12 @@ def run_chain(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: 
         v2 = dict(zip(methods, _train_or_reuse_group(
             [_method_config(m, split / "new", runs, v1, cache, plan, seed) for m in methods])))
         _say(f"4/5 [{sc}] v3 of {', '.join(methods)}: every training identity ({whole}), each compatible "
-             "with its v2 (one Ray Train fit)")
+             "with its v2 (a Ray Train fit per v2)")
         v3_cfgs = []
         for m in methods:
             name = _method_config(m, split / "new", runs, v1, cache, plan, seed).name
             v3_cfgs.append(_method_config(m, whole, runs, v2[m], cache, plan, seed, (f"name={name}-v3",)))
-        v3 = dict(zip(methods, _train_or_reuse_group(v3_cfgs)))
+        v3 = dict(zip(methods, _train_by_old_model(v3_cfgs)))
         _say(f"5/5 [{sc}] the compatibility matrix of each chain on the synthetic IJB-C")
         meta = read_ijbc_meta(synth)
         ckpts = [v1, *v2.values(), *v3.values()]

@@ -78,11 +78,22 @@ def test_science_quick_end_to_end_and_resume(tmp_path):
     assert c["n"] == 2 and c["ci95"] is not None
     md = (out / "science.md").read_text()
     assert "| unibct |" in md and "unibct-vs-bct" in md
-    # a rerun reuses every finished run and evaluation
-    printed = _science(argv)
+    # a rerun reuses every finished run and evaluation; with --chain it trains only each
+    # (method, seed)'s v3 and scores the v1 -> v2 -> v3 matrices
+    printed = _science([*argv, "--chain"])
     assert printed.count("reusing the finished run") == 1 + 2 * 2 + 2
     again = json.loads((out / "science.json").read_text())
     assert again["per_seed"] == res["per_seed"] and again["tradeoff"] == res["tradeoff"]
+    for m in ("bct", "unibct"):
+        pairs = again["chain"][m]
+        assert set(pairs) == {"v2 -> v1", "v3 -> v2", "v3 -> v1"}
+        # v2 -> v1 is each seed's own cross - self_old at 1e-4 from the single-pair evaluations
+        per = res["per_seed"][m]
+        assert pairs["v2 -> v1"]["diff@1e-4"]["diffs"] == pytest.approx(
+            [round(per[s]["cross@1e-4"] - per[s]["self_old@1e-4"], 4) for s in ("0", "1")], abs=1e-4)
+        assert all(0 <= pairs[p]["compatible"] <= 2 and pairs[p]["seeds"] == 2 for p in pairs)
+        assert (out / "extended-class" / "quick" / "chain" / m / "seed-1" / "matrix.json").is_file()
+    assert "| unibct |" in (out / "science.md").read_text().split("Multi-step upgrades")[1]
     # the trade-off: weight x0.3 and the configured weight (x1 = the seed-0 run) per method
     for m in ("bct", "unibct"):
         pts = res["tradeoff"][m]

@@ -15,6 +15,9 @@ and 1e-3 and top-1 (1:N), and paired comparisons of ``unibct`` against ``bct`` a
 per seed the difference of cross (and of cross - self_old), its mean and a paired t 95%
 interval over seeds. ``--weights`` adds a trade-off view: cross against self_new over the
 compatibility weight (multiples of each method's configured weight), seed ``seeds[0]``.
+``--chain`` adds multi-step upgrades: per method and seed a v3 trained on every training
+identity against that seed's new model (v2), and the v1 -> v2 -> v3 compatibility matrix
+(:mod:`unibct_ray.metrics.matrix`), summarised per pair over seeds.
 
 Everything reuses the demo's machinery (:mod:`unibct_ray.demo`): the configs in
 ``jobs/configs/synthetic``, cached data, finished runs reused and interrupted ones resumed
@@ -188,8 +191,72 @@ def science_markdown(result: dict[str, Any]) -> list[str]:
         for m, pts in result["tradeoff"].items():
             lines += [f"| {m} | {p['factor']:g} | {p['self_new']:.3f} | {p['cross']:.3f} |" for p in pts]
         lines.append("")
+    if result.get("chain"):
+        lines += ["Multi-step upgrades: v1 (the old model) -> v2 (each seed's new model) -> v3 (every training "
+                  "identity, compatible with v2 only); per pair, cross(query, gallery) - self(gallery) @1e-4, "
+                  "mean [95% paired t interval] over seeds, and the seeds where the pair is compatible:", "",
+                  "| method | v2 -> v1 | v3 -> v2 | v3 -> v1 |", "|---|---|---|---|"]
+        for m, pairs in result["chain"].items():
+            lines.append(f"| {m} | " + " | ".join(f"{_ci(pairs[p]['diff@1e-4'])} ({pairs[p]['compatible']}/"
+                                                   f"{pairs[p]['seeds']})" for p in CHAIN_PAIRS) + " |")
+        lines.append("")
     lines.append(f"Wall time {result['seconds']:.0f} s.")
     return lines
+
+
+CHAIN_PAIRS = ("v2 -> v1", "v3 -> v2", "v3 -> v1")
+
+
+def _train_chain(methods: Sequence[str], seeds: Sequence[int], ckpts: dict[str, Path], split: Path, runs: Path,
+                 cache: Path, dplan: Any, scenario: str) -> dict[str, Path]:
+    """Each (method, seed)'s v3: every training identity, compatible with that seed's v2 by the
+    same method; a Ray Train fit per v2 (``independent`` joins one). Returns
+    {"<method>/seed-<s>": v3 checkpoint}."""
+    from unibct_ray.demo import _method_config, _train_by_old_model
+
+    whole = split.parent.parent / "shards"
+    _say(f"[{scenario}] chain: a v3 per method and seed on every training identity ({whole}), each "
+         "compatible with its v2")
+    v3: dict[str, Path] = {}
+    for s in seeds:
+        keys = [f"{m}/seed-{s}" for m in methods]
+        cfgs = []
+        for m, k in zip(methods, keys):
+            name = _method_config(m, split / "new", runs / f"seed-{s}", ckpts[k], cache / "old-features", dplan, s).name
+            cfgs.append(_method_config(m, whole, runs / f"seed-{s}", ckpts[k], cache / "old-features", dplan, s,
+                                       (f"name={name}-v3",)))
+        v3.update(zip(keys, _train_by_old_model(cfgs)))
+    return v3
+
+
+def _score_chains(meta: Any, methods: Sequence[str], seeds: Sequence[int], v1: Path, v2: dict[str, Path],
+                  v3: dict[str, Path], feature_cache: Path, out: Path) -> dict[str, dict[str, Any]]:
+    """The matrix of each (method, seed) chain (written under ``out/<method>/seed-<s>/``), then
+    per method and pair the difference cross - self(gallery) at 1e-4 over seeds (paired t
+    interval) and the number of seeds where the pair is compatible."""
+    from unibct_ray.distributed.evaluate import checkpoint_features
+    from unibct_ray.metrics.matrix import evaluate_matrix, write_matrix
+
+    def feats(ckpt: Path) -> Any:  # cached by the pass before: a file read
+        return checkpoint_features(meta, ckpt, feature_cache, 1)
+
+    old = feats(v1)
+    summary: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        diffs: dict[str, list[float]] = {p: [] for p in CHAIN_PAIRS}
+        wins = dict.fromkeys(CHAIN_PAIRS, 0)
+        for s in seeds:
+            k = f"{m}/seed-{s}"
+            mx, runs = evaluate_matrix(meta, {"v1": old, "v2": feats(v2[k]), "v3": feats(v3[k])}, ["v1", "v2", "v3"],
+                                       criterion_far=1e-4, seed=s)
+            write_matrix(mx, out / m / f"seed-{s}", runs, title=f"{m}, seed {s}: v1 -> v2 -> v3")
+            for c in mx["cells"]:
+                p = f"{c['query']} -> {c['gallery']}"
+                diffs[p].append(c["difference"]["value"])
+                wins[p] += bool(c["compatible"])
+        summary[m] = {p: {"diff@1e-4": paired_t(diffs[p]), "compatible": wins[p], "seeds": len(seeds)}
+                      for p in CHAIN_PAIRS}
+    return summary
 
 
 def _plot_tradeoff(tradeoff: dict[str, list[dict]], path: Path) -> None:
@@ -232,7 +299,7 @@ def _eval(synth: Path, out: Path, old: Path, new: Path, seed: int, cache: Path) 
 def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = False,
                 methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                 weights: Sequence[float] | None = None, address: str | None = None,
-                num_cpus: int | None = None) -> dict[str, Any]:
+                num_cpus: int | None = None, chain: bool = False) -> dict[str, Any]:
     """Run (or resume) the science run into ``out``; returns the result written to ``science.json``."""
     from dataclasses import replace
 
@@ -306,10 +373,11 @@ def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = Fa
     ckpts: dict[str, Path] = {}
     for s, jobs in groups.items():
         ckpts.update(zip([k for k, _ in jobs], _train_or_reuse_group([c for _, c in jobs])))
+    v3 = _train_chain(methods, plan.seeds, ckpts, split, runs, cache, dplan, scenario) if chain else {}
 
-    _say(f"[{scenario}] features of {1 + len(ckpts)} models on the IJB-C, then the evaluations")
+    _say(f"[{scenario}] features of {1 + len(ckpts) + len(v3)} models on the IJB-C, then the evaluations")
     meta = read_ijbc_meta(synth)
-    checkpoints_features(meta, [old_ckpt, *ckpts.values()], cache / "ijbc-features", EvalArgs.actors)
+    checkpoints_features(meta, [old_ckpt, *ckpts.values(), *v3.values()], cache / "ijbc-features", EvalArgs.actors)
     reports: dict[str, dict[int, dict]] = {m: {} for m in methods}
     tradeoff: dict[str, list[dict]] = {m: [] for m in sweep_methods} if plan.weights else {}
     for key, ckpt in ckpts.items():
@@ -341,6 +409,10 @@ def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = Fa
                          for s, r in by.items()} for m, by in reports.items()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if chain:
+        result["chain"] = _score_chains(meta, methods, plan.seeds, old_ckpt, ckpts, v3, cache / "ijbc-features",
+                                        out / scenario / tag / "chain")
+        result["seconds"] = round(time.perf_counter() - t0, 1)
     md = science_markdown(result)
     atomic_write_text(out / "science.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "science.md", "\n".join(md) + "\n")
@@ -360,15 +432,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds of the new models (default 0-4)")
     p.add_argument("--weights", type=float, nargs="*", default=None,
                    help="trade-off sweep: multiples of each method's compatibility weight (empty: none)")
+    p.add_argument("--chain", action="store_true",
+                   help="multi-step upgrades too: per method and seed a v3 on every training identity, "
+                        "compatible with that seed's new model, and the v1 -> v2 -> v3 matrix")
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
 
 
 def run(a: argparse.Namespace) -> dict:
     res = run_science(a.out, scenario=a.scenario, quick=a.quick, methods=a.methods, seeds=a.seeds, weights=a.weights,
-                      address=a.address, num_cpus=a.num_cpus)
-    keep = ("scenario", "quick", "seeds", "ijbc", "aggregate", "tradeoff", "seconds")
-    return {k: res[k] for k in keep}
+                      address=a.address, num_cpus=a.num_cpus, chain=a.chain)
+    keep = ("scenario", "quick", "seeds", "ijbc", "aggregate", "tradeoff", "chain", "seconds")
+    return {k: res[k] for k in keep if k in res}
 
 
 if __name__ == "__main__":
