@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Sweeps sign their experiment directories: with a key from the environment no test creates
+# ~/.config/unibct-ray/tune.key in the home of whoever runs the suite.
+os.environ.setdefault("UNIBCT_RAY_TUNE_KEY", "test-suite-tune-key-0123456789abcdef")
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,51 @@ def test_dockerfile_copies_what_exists():
                 assert (ROOT / src).exists(), line
 
 
+def pip_installs() -> list[tuple[str, str, str]]:
+    """(file, folder it runs in, command) for every ``pip install`` the image and the launcher run."""
+    out = []
+    dockerfile = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
+    workdir = "/"
+    for line in dockerfile.splitlines():
+        if line.startswith("WORKDIR"):
+            workdir = line.split()[1]
+        if line.startswith("RUN"):
+            out += [("Dockerfile", workdir, c) for c in line[3:].split("&&")]
+    launcher = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands", "initialization_commands"):
+        for cmd in launcher.get(key) or []:
+            cwd = "~"
+            for c in cmd.split("&&"):
+                if c.strip().startswith("cd "):
+                    cwd = c.strip()[3:].strip()
+                out.append(("ray-cluster.yaml", cwd, c))
+    return [(f, cwd, c.strip()) for f, cwd, c in out if re.search(r"\bpip3? install\b", c)]
+
+
+def test_the_image_and_the_launcher_install_with_the_pinned_constraints():
+    """Every pip install of the image and of the cluster nodes takes constraints.txt, from the
+    copy of the repository it runs in (the image copies the file; the launcher syncs the tree)."""
+    installs = pip_installs()
+    assert {f for f, _, _ in installs} == {"Dockerfile", "ray-cluster.yaml"}, installs
+    copied = " ".join(ln for ln in (CLUSTER / "Dockerfile").read_text().splitlines() if ln.startswith("COPY"))
+    for where, cwd, cmd in installs:
+        words = shlex.split(cmd)
+        flag = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-c", "--constraint")]
+        flag += [w.split("=", 1)[1] for w in words if w.startswith("--constraint=")]
+        assert flag, f"{where}: `{cmd}` installs without the pinned constraints"
+        path = flag[0] if flag[0].startswith("/") else f"{cwd.rstrip('/')}/{flag[0]}"
+        assert path.endswith("/constraints.txt"), (where, cmd)
+        if where == "Dockerfile":
+            assert path == "/app/constraints.txt" and "constraints.txt" in copied, (cmd, copied)
+        else:
+            assert path == "/home/ubuntu/unibct-ray/constraints.txt", cmd  # file_mounts syncs the tree there
+    pins = dict(ln.split("==") for ln in (ROOT / "constraints.txt").read_text().splitlines()
+                if ln and not ln.startswith("#"))
+    launcher = " ".join(c for _, _, c in installs if "ray[" in c)
+    assert f"ray[default]=={pins['ray']}" in launcher  # the nodes' Ray is the pinned one
+    assert f"rayproject/ray:{pins['ray']}-" in (CLUSTER / "Dockerfile").read_text()  # and the image's
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_no_public_exposure_and_no_secrets(path):
     raw = path.read_text()

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from unibct_ray.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from unibct_ray.cli import main
 from unibct_ray.errors import DataFormatError
+from unibct_ray.tune_signature import sign_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +94,23 @@ def test_resume_refuses_a_hostile_checkpoint(tmp_path, capsys):
     code = main(["train", "--config", str(tmp_path / "train.yaml"), "--resume", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "checkpoint.pt: refused to load" in err[0], err
+    assert not marker.exists()
+
+
+def test_tune_resume_refuses_a_tampered_tuner_pickle(tmp_path, capsys):
+    """``tune --resume`` checks the sweep's signature before Ray Tune unpickles its state (the
+    real sweep, killed, resumed and tampered with: ``tests/distributed/test_tune.py``)."""
+    marker = tmp_path / "ran"
+    exp = tmp_path / "sweep"
+    (exp / "trials").mkdir(parents=True)
+    (exp / "tune-spec.json").write_text("{}\n")
+    (exp / "trials" / "tuner.pkl").write_bytes(pickle.dumps({"tuner": 1}))
+    sign_files(exp, {"tune-spec.json": exp / "tune-spec.json", "trials/tuner.pkl": exp / "trials" / "tuner.pkl"})
+    (exp / "trials" / "tuner.pkl").write_bytes(pickle.dumps(WritesFile(marker)))
+    code = main(["tune", "--resume", str(exp)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"{exp / 'trials' / 'tuner.pkl'}: changed since the sweep signed it" in err[0]
     assert not marker.exists()
 
 

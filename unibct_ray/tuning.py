@@ -47,9 +47,11 @@ from unibct_ray.config import (TrainConfig, apply_overrides, clamp_refine_epochs
                                read_yaml_mapping, to_dict)
 from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import ConfigError
+from unibct_ray.tune_signature import verify_experiment
 
 __all__ = ["SPACE_KINDS", "OBJECTIVES", "SearchParam", "AshaSpec", "TuneSpec", "TrialRecord",
-           "read_tune_file", "load_tune_spec", "check_validation", "open_experiment", "SPEC_FILE", "objective_value", "pareto_front", "write_outputs"]
+           "read_tune_file", "load_tune_spec", "check_validation", "open_experiment", "SPEC_FILE", "TRIALS_DIR",
+           "objective_value", "pareto_front", "write_outputs"]
 
 SPACE_KINDS = ("uniform", "loguniform", "int", "choice")
 OBJECTIVES = ("cross", "pareto")
@@ -353,6 +355,8 @@ def check_validation(spec: TuneSpec) -> Any:
 
 #: The resolved tune file inside an experiment directory (a resumed experiment keeps its recipe).
 SPEC_FILE = "tune-spec.json"
+#: Ray Tune's experiment folder inside an experiment directory (one sub-folder per trial).
+TRIALS_DIR = "trials"
 
 
 def _recipe(spec: TuneSpec) -> dict:
@@ -366,12 +370,16 @@ def open_experiment(spec: TuneSpec | None, num_samples: int | None,
                     resume: str | os.PathLike | None) -> tuple[TuneSpec, int, Path]:
     """(spec, num_samples, experiment dir) of a new sweep or of the one to resume, checked
     before anything starts. A resumed experiment uses its stored ``SPEC_FILE``; a ``spec`` or
-    ``num_samples`` given with ``resume`` must match it. A new sweep refuses an existing one."""
+    ``num_samples`` given with ``resume`` must match it. A new sweep refuses an existing one.
+
+    A resumed experiment must carry the sweep's signature over its Ray Tune state and recipe
+    (``unibct_ray.tune_signature``): checked here, before Ray Tune unpickles any of it."""
     if resume is not None:
         exp_dir = Path(resume).resolve()
         f = exp_dir / SPEC_FILE
         if not f.is_file():
             raise ConfigError(f"{exp_dir}: not a `unibct-ray tune` experiment ({SPEC_FILE} missing)")
+        verify_experiment(exp_dir, TRIALS_DIR, extra=(SPEC_FILE,))
         data = json.loads(f.read_text())
         stored, stored_n = TuneSpec.from_json(data["spec"]), int(data["num_samples"])
         if spec is not None and _recipe(spec) != _recipe(stored):

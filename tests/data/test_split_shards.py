@@ -117,3 +117,40 @@ def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
     assert not dead.exists() and live.exists()
     assert len(said) == 1 and str(dead) in said[0] and "killed" in said[0]
     assert (tmp_path / "out" / "f").read_text() == "1"
+
+
+def test_a_full_disk_mid_split_keeps_the_previous_output(tmp_path, capsys, monkeypatch):
+    """ENOSPC at the third Parquet write (a shard set half written): one line naming the shard,
+    exit 2, the previous output byte- and mtime-identical, no temporary file or folder left; the
+    next run writes the same shards as before."""
+    import errno
+
+    src, _, _ = make_source(tmp_path)
+    out = tmp_path / "out"
+    argv = ["data", "split", "--src", str(src), "--scenario", "open-class", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    before = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    real = pq.ParquetWriter.write_table
+    calls = []
+
+    def full_disk(self, table, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, table, *a, **kw)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(calls) == 3 and len(err) == 1, err
+    assert "No space left on device" in err[0] and ".parquet" in err[0] and "not kept" in err[0], err
+    after = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no .partial folder, no .tmp shard
+    monkeypatch.undo()
+
+    assert main([*argv, "--overwrite"]) == 0
+    again = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.suffix == ".parquet"}
+    assert again == {k: b for k, (b, _) in before.items() if k.suffix == ".parquet"} and len(again) >= 3

@@ -1,5 +1,6 @@
 """`unibct-ray tune` on the session's Ray: a real two-trial sweep whose driver is killed with
-SIGKILL after the first trial finished, then resumed with `--resume DIR`.
+SIGKILL after the first trial finished, then resumed with `--resume DIR`; its signed Ray Tune
+state then refuses a tampered ``tuner.pkl``.
 
 The sweep runs in subprocesses connected to this session's Ray (``--address``), so killing its
 driver leaves the test's own Ray alone (Ray ends the dead driver's trial actors and their Train
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from PIL import Image
 
 from unibct_ray.cli import main
 from unibct_ray.config import load_config
+from unibct_ray.tune_signature import SIGNATURE_FILE, tune_state_files, verify_experiment
 
 TIMEOUT_S = 600.0
 NUM_SAMPLES = 2
@@ -135,7 +138,7 @@ def test_usage_errors_before_any_work(sweep_inputs, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sweep_killed_after_a_trial_resumes_and_finishes(sweep_inputs, ray_session):
+def test_sweep_killed_after_a_trial_resumes_and_finishes(sweep_inputs, ray_session, capsys):
     tmp = sweep_inputs
     exp = tmp / "tune" / "sweep"
     t0 = time.monotonic()
@@ -209,3 +212,26 @@ def test_sweep_killed_after_a_trial_resumes_and_finishes(sweep_inputs, ray_sessi
     assert "(experiment still running)" not in md
     assert Image.open(exp / "pareto.png").size[0] > 100
     assert "[tune] resuming" in log2
+
+    # The sweep signed what Ray Tune restores from, through the kill (the resume above verified
+    # it first): Tune's state, the per-trial params.pkl and the recipe are all in the manifest.
+    signed = json.loads((exp / SIGNATURE_FILE).read_text())["files"]
+    tune_files = {f"trials/{r}" for r in tune_state_files(exp / "trials")}
+    assert {"tune-spec.json", "trials/tuner.pkl"} <= set(signed) and tune_files <= set(signed)
+    assert any(f.startswith("trials/experiment_state-") for f in signed)
+    assert {f"trials/{t}/params.pkl" for t in trials} <= set(signed)
+    # A tuner.pkl replaced by a pickle that runs code is refused before Ray Tune reads it.
+    marker = tmp / "ran"
+    payload = b"cbuiltins\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."  # open(marker, "w")
+    pickle.loads(payload)
+    assert marker.exists(), "the payload is not real"
+    marker.unlink()
+    tuner_pkl = exp / "trials" / "tuner.pkl"
+    good = tuner_pkl.read_bytes()
+    tuner_pkl.write_bytes(payload)
+    assert main(["tune", "--resume", str(exp), "--address", ray_session.get_runtime_context().gcs_address]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tuner_pkl}: changed since the sweep signed it" in err[0], err
+    assert not marker.exists()
+    tuner_pkl.write_bytes(good)
+    verify_experiment(exp, "trials", extra=("tune-spec.json",))

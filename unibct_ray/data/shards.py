@@ -106,21 +106,38 @@ class ShardWriter:
     def __init__(self, path: Path, schema: pa.Schema):
         self.path = Path(path)
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        self._writer = pq.ParquetWriter(self._tmp, schema, **_parquet_options(schema.names))
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, schema, **_parquet_options(schema.names))
+        except OSError as e:
+            raise self._named(e) from e
         self.rows = 0
 
+    def _named(self, e: OSError) -> OSError:
+        """A failed write (a full disk, a lost mount) as an error that names the shard: pyarrow's
+        own names no file, and the CLI prints an ``OSError`` as one line."""
+        what = e.strerror or str(e)
+        return OSError(e.errno, f"{what} (writing this Parquet shard; it was not kept)", str(self.path))
+
     def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        try:
+            self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        except OSError as e:
+            raise self._named(e) from e
         self.rows += table.num_rows
 
     def close(self) -> ShardInfo:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except OSError as e:
+            raise self._named(e) from e
         os.replace(self._tmp, self.path)
         return ShardInfo(self.path.name, self.rows, self.path.stat().st_size)
 
     def abort(self) -> None:
         try:
             self._writer.close()
+        except OSError:
+            pass  # a full disk fails the close too: the first error is the one to report
         finally:
             self._tmp.unlink(missing_ok=True)
 

@@ -16,6 +16,8 @@ Experiment directory ``DIR = storage/name``::
                              final_result.json, attempts.log, and Ray Tune's log of the
                              trial (params.json, progress.csv, result.json, error.txt)
     DIR/trials/experiment_state-*.json, tuner.pkl, ...   Ray Tune's experiment state
+    DIR/tune-signature.json  the sweep's HMAC over Ray Tune's state and the recipe: ``--resume``
+                             restores nothing that does not verify (``unibct_ray.tune_signature``)
     DIR/cache/               validation features by checkpoint hash (the old model's once)
     DIR/tune.md, trials.json, best.yaml | pareto/<trial>.yaml, pareto.png
 
@@ -47,12 +49,15 @@ from unibct_ray.config import TrainConfig
 from unibct_ray.distributed.train import OLD_FEATURES_DIR, MetricsTail, epoch_line
 from unibct_ray.data.shards import atomic_write_text
 from unibct_ray.errors import UserError
-from unibct_ray.tuning import SPEC_FILE, TrialRecord, TuneSpec, check_validation, objective_value, write_outputs
+from unibct_ray.tune_signature import load_key, sign_files, tune_state_files
+from unibct_ray.tuning import (SPEC_FILE, TRIALS_DIR, TrialRecord, TuneSpec, check_validation, objective_value,
+                               write_outputs)
 
-__all__ = ["run_tune", "run_trial", "check_tune_plan", "TuneOutputs", "TrialProgress", "TRIALS_DIR"]
+__all__ = ["run_tune", "run_trial", "check_tune_plan", "TuneOutputs", "TrialProgress", "SignTuneState",
+           "TRIALS_DIR"]
 
-TRIALS_DIR = "trials"
 CACHE_DIR = "cache"
+TUNER_FILE = "tuner.pkl"  # Ray Tune's pickled Tuner (``ray.tune.impl.tuner_internal._TUNER_PKL``)
 RESULT_FILE = "final_result.json"  # not result.json: Ray Tune writes its own log there
 ATTEMPTS_FILE = "attempts.log"
 TRIAL_CPU = 0.01
@@ -255,6 +260,47 @@ class TrialProgress(tune.Callback):
         self._end(trial)
 
 
+class SignTuneState(tune.Callback):
+    """Signs Ray Tune's experiment state each time Tune saves it, before Tune uploads it.
+
+    Tune saves its state into a local staging folder (``trial.local_experiment_path``) and then
+    copies that folder to ``DIR/trials`` in a background thread. The callbacks' ``get_state`` is
+    the last step of each save, after the experiment state and the searcher's files are written
+    and before the upload starts: the digests of the staged files are signed there, so the
+    signature on ``DIR`` always covers what reaches ``DIR``. Tune's first save can come before a
+    callback has seen a trial (the staging folder is unknown then): it is signed at the end of
+    that same step. Holds no key (Tune pickles its callbacks into ``tuner.pkl``).
+    """
+
+    def __init__(self, exp_dir: str):
+        self.exp_dir = exp_dir
+        self._staging: str | None = None
+        self._unsigned_save = False
+
+    def _sign(self) -> None:
+        sign_files(self.exp_dir, {f"{TRIALS_DIR}/{rel}": p for rel, p in tune_state_files(self._staging).items()})
+        self._unsigned_save = False
+
+    def _learn(self, trials: list) -> None:
+        if self._staging is None and trials:
+            self._staging = trials[0].local_experiment_path
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self._learn(trials)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._learn(trials)
+        if self._unsigned_save and self._staging is not None:
+            self._sign()
+
+    def get_state(self) -> None:
+        if self._staging is None:
+            self._unsigned_save = True
+        else:
+            self._sign()
+        return None  # nothing to restore: no callback-states pickle is written for it
+
+
 def _prepare(spec: TuneSpec, exp_dir: Path) -> None:
     """Check the validation set and extract what every trial shares, once, before any trial."""
     from unibct_ray.distributed.evaluate import checkpoint_features
@@ -323,6 +369,7 @@ def run_tune(spec: TuneSpec, num_samples: int, exp_dir: str | os.PathLike, *, re
     state_dir = exp_dir / TRIALS_DIR  # Ray Tune's experiment (see the module docstring)
     if resume and not tune.Tuner.can_restore(str(state_dir)):
         raise UserError(f"{exp_dir}: no Ray Tune state to resume from (the experiment never started a trial)")
+    load_key(create=True)  # a missing or unsafe key stops the sweep here, not at Tune's first save
     exp_dir.mkdir(parents=True, exist_ok=True)
     import ray
 
@@ -352,8 +399,11 @@ def run_tune(spec: TuneSpec, num_samples: int, exp_dir: str | os.PathLike, *, re
                                         trial_dirname_creator=_trial_dirname, **tune_kw),
             run_config=tune.RunConfig(name=TRIALS_DIR, storage_path=str(exp_dir), verbose=0,
                                       callbacks=[TuneOutputs(spec.to_json(), str(exp_dir), num_samples),
-                                                 TrialProgress(spec.to_json(), str(exp_dir))],
+                                                 TrialProgress(spec.to_json(), str(exp_dir)),
+                                                 SignTuneState(str(exp_dir))],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
+        # Tuner() wrote tuner.pkl straight to DIR/trials (not through the staging folder)
+        sign_files(exp_dir, {SPEC_FILE: exp_dir / SPEC_FILE, f"{TRIALS_DIR}/{TUNER_FILE}": state_dir / TUNER_FILE})
     tuner.fit()
     return json.loads((exp_dir / "trials.json").read_text())
