@@ -32,35 +32,34 @@ def torch_one_thread():
     torch.set_num_threads(before)
 
 
+
 @pytest.fixture(scope="session")
 def ray_worker_processes(ray_session):
-    """A function listing the session raylet's worker processes by title (``ray::IDLE``,
-    ``ray::TrainController.run``, ...), read from /proc: what the operating system sees, not
-    what Ray reports. The raylet is a child of this process (the fixture's ``ray.init``)."""
+    """A function -> ``{pid: process title}`` of the session raylet's child processes (its
+    workers: ``ray::IDLE``, ``ray::TrainController.run``, ...; and its two agents), read from
+    /proc: what the operating system sees, not what Ray reports. Never another Ray's."""
     from pathlib import Path
 
     proc = Path("/proc")
     if not (proc / "self" / "stat").exists():
         pytest.skip("needs /proc")
 
-    def children(ppid: int) -> list[tuple[int, str]]:
-        out = []
+    @ray_session.remote(num_cpus=0)
+    def parent() -> int:
+        return os.getppid()  # a worker process is a child of its raylet
+
+    raylet = ray_session.get(parent.remote())
+
+    def processes() -> dict[int, str]:
+        found = {}
         for p in proc.iterdir():
             if not p.name.isdigit():
                 continue
             try:
-                stat = (p / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
-                    out.append((int(p.name), (p / "cmdline").read_text().split("\0")[0]))
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == raylet:
+                    found[int(p.name)] = (p / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             except (OSError, ValueError, IndexError):
                 pass  # a process that ended while being read
-        return out
+        return found
 
-    raylets = [pid for pid, cmd in children(os.getpid()) if cmd.endswith("/raylet")]
-    assert len(raylets) == 1, f"expected one raylet child of the test process, found {raylets}"
-    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # the node's agents, not pool workers
-
-    def workers() -> list[str]:
-        return sorted(cmd for _, cmd in children(raylets[0]) if not cmd.startswith(agents))
-
-    return workers
+    return processes

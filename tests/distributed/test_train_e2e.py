@@ -57,13 +57,14 @@ FIT_PROCESSES = ("ray::TrainController", "ray::RayTrainWorker", "ray::Synchroniz
 
 
 def released_after_fit(workers, timeout: float = 20.0) -> list[str]:
-    """The node's worker processes once none of a fit's own is left (Ray ends an actor shortly
-    after its last handle goes); fails listing those still there after ``timeout`` s."""
+    """The titles of the node's worker processes (not its agents) once none of a fit's own is
+    left (Ray ends an actor shortly after its last handle goes); fails listing those still
+    there after ``timeout`` s. ``workers``: the ``ray_worker_processes`` fixture."""
     import time
 
     deadline = time.monotonic() + timeout
     while True:
-        now = workers()
+        now = sorted(t for t in workers().values() if not t.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")))
         left = [w for w in now if w.startswith(FIT_PROCESSES)]
         if not left:
             return now
