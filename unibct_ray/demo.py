@@ -306,28 +306,45 @@ def _check_out(out: Path) -> None:
 
 def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: bool = False,
              methods: list[str] | None = None, overwrite: bool = False, address: str | None = None,
-             num_cpus: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """Run the demo into ``out``; returns the summary ``{scenario: {method: report}}``."""
+             num_cpus: int | None = None, verbose: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+    """Run the demo into ``out``; returns the summary ``{scenario: {method: report}}``.
+
+    Ray's own log lines go to ``out/logs/ray.log`` (``verbose``: to the console, as Ray prints them).
+    """
+    from unibct_ray.distributed.console import RUN_LOG, ray_console
+
+    scenarios = _check_args(scenario, methods)
+    out = Path(out).resolve()
+    _check_out(out)
+    with ray_console(out / RUN_LOG, verbose):
+        return _run(out, scenarios, list(methods or DEFAULT_METHODS), seed=seed, quick=quick, overwrite=overwrite,
+                    address=address, num_cpus=num_cpus, verbose=verbose)
+
+
+def _check_args(scenario: str, methods: list[str] | None) -> list[str]:
+    """The scenarios to run; a bad scenario or method, or a missing config folder, is a UserError."""
+    scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
+    for sc in scenarios:
+        if sc not in SCENARIOS:
+            raise UserError(f"--scenario must be one of {', '.join(SCENARIOS)} or all, got {sc!r}")
+    for m in methods or DEFAULT_METHODS:
+        if m not in METHODS:
+            raise UserError(f"--methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
+    if not DEMO_CONFIGS.is_dir():
+        raise UserError(f"{DEMO_CONFIGS}: demo configs not found (run from a checkout of the project)")
+    return scenarios
+
+
+def _run(out: Path, scenarios: list[str], methods: list[str], *, seed: int, quick: bool, overwrite: bool,
+         address: str | None, num_cpus: int | None, verbose: bool) -> dict[str, dict[str, dict[str, Any]]]:
     from unibct_ray.config import load_config
     from unibct_ray.data.ijbc import read_ijbc_meta
     from unibct_ray.distributed.evaluate import EvalArgs, checkpoints_features, run_eval
     from unibct_ray.distributed.runtime import ensure_ray
 
-    scenarios = list(SCENARIOS) if scenario == "all" else [scenario]
-    for sc in scenarios:
-        if sc not in SCENARIOS:
-            raise UserError(f"--scenario must be one of {', '.join(SCENARIOS)} or all, got {sc!r}")
-    methods = list(methods or DEFAULT_METHODS)
-    for m in methods:
-        if m not in METHODS:
-            raise UserError(f"--methods: unknown method {m!r}; valid: {', '.join(METHODS)}")
-    if not DEMO_CONFIGS.is_dir():
-        raise UserError(f"{DEMO_CONFIGS}: demo configs not found (run from a checkout of the project)")
-    out = Path(out).resolve()
-    _check_out(out)
     plans = {sc: demo_plan(quick, sc) for sc in scenarios}
     t0 = time.perf_counter()
-    ensure_ray(address, num_cpus=num_cpus)
+    ensure_ray(address, num_cpus=num_cpus, quiet=not verbose)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
