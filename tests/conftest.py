@@ -33,3 +33,36 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+
+@pytest.fixture(scope="session")
+def ray_worker_processes(ray_session):
+    """A function -> ``{pid: process title}`` of the session raylet's child processes (its
+    workers: ``ray::IDLE``, ``ray::TrainController.run``, ...; and its two agents), read from
+    /proc: what the operating system sees, not what Ray reports. Never another Ray's."""
+    from pathlib import Path
+
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        pytest.skip("needs /proc")
+
+    @ray_session.remote(num_cpus=0)
+    def parent() -> int:
+        return os.getppid()  # a worker process is a child of its raylet
+
+    raylet = ray_session.get(parent.remote())
+
+    def processes() -> dict[int, str]:
+        found = {}
+        for p in proc.iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == raylet:
+                    found[int(p.name)] = (p / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except (OSError, ValueError, IndexError):
+                pass  # a process that ended while being read
+        return found
+
+    return processes

@@ -37,6 +37,14 @@ def _note(msg: str) -> None:
     print(f"unibct-ray: note: {msg}", file=sys.stderr, flush=True)
 
 
+def _ray_console(a: argparse.Namespace, out: Path):
+    """Ray's own log lines of the command go to OUT/logs/ray.log (one line names it); with
+    ``--verbose`` they stay on the console."""
+    from unibct_ray.distributed.console import RUN_LOG, ray_console
+
+    return ray_console(out / RUN_LOG, a.verbose)
+
+
 def _ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
@@ -68,7 +76,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
         long_tail=a.long_tail,
     )
     spec.validate()
-    ensure_ray(a.address, num_cpus=a.num_cpus)
+    ensure_ray(a.address, num_cpus=a.num_cpus, quiet=not a.verbose)
     summary = synthesize(spec, a.out, overwrite=a.overwrite, progress=not a.no_progress)
     print(json.dumps(summary, indent=2))
     return 0
@@ -81,7 +89,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
     m = convert_rec(a.rec, a.out, idx=a.idx, rows_per_shard=a.rows_per_shard, verify=a.verify,
                     overwrite=a.overwrite, progress=not a.no_progress, parallelism=a.parallelism,
-                    connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus),
+                    connect=lambda: ensure_ray(a.address, num_cpus=a.num_cpus, quiet=not a.verbose),
                     shuffle_seed=None if a.record_order else a.seed)
     print(f"wrote {m.rows} images of {m.classes} classes in {len(m.shards)} shards to {m.path}")
     return 0
@@ -111,8 +119,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.plan:
         return _show_plan(a, cfg)
     check_inputs(cfg, a.resume)  # a bad config, shard set or checkpoint fails before Ray starts
-    ensure_ray(a.address, num_cpus=a.num_cpus)
-    res = train(cfg, resume=a.resume)  # refuses, before any fit(), a run the cluster cannot hold
+    with _ray_console(a, Path(a.resume) if a.resume else Path(cfg.storage) / cfg.name):
+        ensure_ray(a.address, num_cpus=a.num_cpus, quiet=not a.verbose)
+        res = train(cfg, resume=a.resume)  # refuses, before any fit(), a run the cluster cannot hold
     print(f"done: {res.checkpoint} (epoch {res.metrics.get('epoch')}, loss {res.metrics.get('loss', float('nan')):.4f})")
     return 0
 
@@ -169,13 +178,19 @@ def _cmd_prototypes(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- eval
 def _cmd_eval(a: argparse.Namespace) -> int:
+    import contextlib
+
     from unibct_ray.distributed.evaluate import EvalArgs, run_eval
+
+    ray_log = contextlib.ExitStack()
 
     def connect() -> None:
         # Imported only when Ray is needed: feature files with one gallery shard never load ray.
+        # Called once the inputs are checked: a bad input leaves no OUT behind, not even a log.
         from unibct_ray.distributed.runtime import ensure_ray
 
-        ensure_ray(a.address, num_cpus=a.num_cpus)
+        ray_log.enter_context(_ray_console(a, a.out))
+        ensure_ray(a.address, num_cpus=a.num_cpus, quiet=not a.verbose)
 
     args = EvalArgs(ijbc=a.ijbc, out=a.out, old_checkpoint=a.old_checkpoint, old_features=a.old_features,
                     new_checkpoint=a.new_checkpoint, new_features=a.new_features, criterion_far=a.criterion_far,
@@ -185,8 +200,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                     cache_dir=a.cache_dir, use_gpu=a.use_gpu, gpus_per_actor=a.gpus_per_actor, batch_size=a.batch_size)
     log = lambda msg: print(f"[eval] {msg}", flush=True)  # noqa: E731
     if a.models is not None:
-        return _eval_matrix(a, args, connect, log)
-    r = run_eval(args, connect=connect, log=log)
+        with ray_log:
+            return _eval_matrix(a, args, connect, log)
+    with ray_log:
+        r = run_eval(args, connect=connect, log=log)
     crit = r.get("protocol", {}).get("criterion_far", a.criterion_far)
     print(f"report: {a.out / 'report.md'}  compatible at FAR={crit:g}: {r.get('compatible')}")
     if a.gate:
@@ -262,8 +279,9 @@ def _cmd_tune(a: argparse.Namespace) -> int:
         return _show_plan(a, spec.train_config({}, name=spec.name), trials=spec.max_concurrent)
     spec, n, out = open_experiment(spec, a.num_samples, a.resume)
     check_validation(spec)  # before Ray starts: a bad folder fails in a second
-    ensure_ray(a.address, num_cpus=a.num_cpus)
-    s = run_tune(spec, n, out, resume=a.resume is not None)
+    with _ray_console(a, out):
+        ensure_ray(a.address, num_cpus=a.num_cpus, quiet=not a.verbose)
+        s = run_tune(spec, n, out, resume=a.resume is not None)
     counts = ", ".join(f"{c} {k.lower()}" for k, c in sorted(s["counts"].items()))
     if s["objective"] == "pareto":
         pick = f"Pareto front: {', '.join(s['pareto']) or 'empty'} -> {out / 'pareto'}/"
@@ -281,10 +299,10 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
     if a.chain:
         run_chain(Path(a.out), scenario=a.scenario, seed=a.seed, quick=a.quick, methods=a.methods,
-                  overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus)
+                  overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus, verbose=a.verbose)
         return 0
     run_demo(Path(a.out), scenario=a.scenario, seed=a.seed, quick=a.quick, methods=a.methods,
-             overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus)
+             overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus, verbose=a.verbose)
     return 0
 
 
@@ -298,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Ray's own log lines (its warnings, workers' output) on the console; by "
+                             "default train, tune, eval and demo write them to OUT/logs/ray.log")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="prepare data: synth | convert | split",

@@ -339,17 +339,27 @@ def _check_choices(scenario: str, methods: list[str] | None, default: tuple[str,
     return scenarios, methods
 
 
-def start(out: Path, address: str | None, num_cpus: int | None) -> Path:
-    """Claim ``out`` as a demo directory and connect to Ray (no Ray Data progress bars: the
-    demo prints a line per phase). Returns ``out`` resolved."""
-    from unibct_ray.distributed.runtime import ensure_ray
-
+def claim(out: Path) -> Path:
+    """``out`` resolved and claimed as a demo directory (refused if it holds anything else)."""
     out = Path(out).resolve()
     _check_out(out)
-    ensure_ray(address, num_cpus=num_cpus)
+    return out
+
+
+def connect(address: str | None, num_cpus: int | None, verbose: bool = False) -> None:
+    """Connect to Ray, without Ray Data's progress bars (the demo prints a line per phase)."""
+    from unibct_ray.distributed.runtime import ensure_ray
+
+    ensure_ray(address, num_cpus=num_cpus, quiet=not verbose)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def start(out: Path, address: str | None, num_cpus: int | None) -> Path:
+    """``claim`` then ``connect``; returns ``out`` resolved."""
+    out = claim(out)
+    connect(address, num_cpus)
     return out
 
 
@@ -366,15 +376,35 @@ def _old_config(split: Path, runs: Path, plan: DemoPlan, seed: int) -> Any:
 
 def run_demo(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: bool = False,
              methods: list[str] | None = None, overwrite: bool = False, address: str | None = None,
-             num_cpus: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """Run the demo into ``out``; returns the summary ``{scenario: {method: report}}``."""
+             num_cpus: int | None = None, verbose: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+    """Run the demo into ``out``; returns the summary ``{scenario: {method: report}}``.
+
+    Ray's own log lines go to ``out/logs/ray.log`` (``verbose``: to the console, as Ray prints them).
+    """
+    return _checked_run(_run, DEFAULT_METHODS, out, scenario, methods, seed=seed, quick=quick,
+                        overwrite=overwrite, address=address, num_cpus=num_cpus, verbose=verbose)
+
+
+def _checked_run(body: Any, default_methods: tuple[str, ...], out: Path, scenario: str, methods: list[str] | None,
+                 *, verbose: bool, **kw: Any) -> Any:
+    """Check the choices, claim ``out``, then ``body(out, scenarios, methods, ...)`` with Ray's own
+    log lines in ``out/logs/ray.log``."""
+    from unibct_ray.distributed.console import RUN_LOG, ray_console
+
+    scenarios, methods = _check_choices(scenario, methods, default_methods)
+    out = claim(out)
+    with ray_console(out / RUN_LOG, verbose):
+        return body(out, scenarios, methods, verbose=verbose, **kw)
+
+
+def _run(out: Path, scenarios: list[str], methods: list[str], *, seed: int, quick: bool, overwrite: bool,
+         address: str | None, num_cpus: int | None, verbose: bool) -> dict[str, dict[str, dict[str, Any]]]:
     from unibct_ray.data.ijbc import read_ijbc_meta
     from unibct_ray.distributed.evaluate import EvalArgs, checkpoints_features, run_eval
 
-    scenarios, methods = _check_choices(scenario, methods, DEFAULT_METHODS)
     plans = {sc: demo_plan(quick, sc) for sc in scenarios}
     t0 = time.perf_counter()
-    out = start(out, address, num_cpus)
+    connect(address, num_cpus, verbose)
 
     tag = f"seed-{seed}" + ("-quick" if quick else "")
     summary: dict[str, dict[str, dict[str, Any]]] = {}
@@ -469,7 +499,7 @@ def _chain_plot(matrices: dict[str, dict[str, dict[str, Any]]], path: Path) -> N
 
 def run_chain(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: bool = False,
               methods: list[str] | None = None, overwrite: bool = False, address: str | None = None,
-              num_cpus: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+              num_cpus: int | None = None, verbose: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
     """``unibct-ray demo --chain``: two upgrades in a row, v1 -> v2 -> v3, per method.
 
     v1 is the demo's old model (the scenario's old split); v2 is the method's new model on the
@@ -482,15 +512,21 @@ def run_chain(out: Path, *, scenario: str = "open-class", seed: int = 0, quick: 
     method's matrix and pair reports under ``DIR/<scenario>/<tag>/chain/<method>/``.
 
     Returns ``{scenario: {method: matrix}}`` (:func:`unibct_ray.metrics.matrix.evaluate_matrix`).
+    Ray's own log lines go to ``out/logs/ray.log``, as with the demo.
     """
+    return _checked_run(_run_chain, CHAIN_METHODS, out, scenario, methods, seed=seed, quick=quick,
+                        overwrite=overwrite, address=address, num_cpus=num_cpus, verbose=verbose)
+
+
+def _run_chain(out: Path, scenarios: list[str], methods: list[str], *, seed: int, quick: bool, overwrite: bool,
+               address: str | None, num_cpus: int | None, verbose: bool) -> dict[str, dict[str, dict[str, Any]]]:
     from unibct_ray.data.ijbc import read_ijbc_meta
     from unibct_ray.data.shards import atomic_write_text
     from unibct_ray.distributed.evaluate import EvalArgs, checkpoints_features
     from unibct_ray.metrics.matrix import evaluate_matrix, write_matrix
 
-    scenarios, methods = _check_choices(scenario, methods, CHAIN_METHODS)
     t0 = time.perf_counter()
-    out = start(out, address, num_cpus)
+    connect(address, num_cpus, verbose)
     tag = f"seed-{seed}" + ("-quick" if quick else "")
     matrices: dict[str, dict[str, dict[str, Any]]] = {}
     plans = {sc: demo_plan(quick, sc) for sc in scenarios}

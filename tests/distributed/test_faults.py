@@ -28,47 +28,22 @@ TIMEOUT_S = 300.0
 
 
 # ----------------------------------------------------------------------------- process helpers
-def raylet_pid(ray) -> int:
-    """Ray worker processes are children of the raylet of this session."""
-    @ray.remote(num_cpus=0)
-    def parent() -> int:
-        return os.getppid()
-
-    return ray.get(parent.remote())
-
-
-def ray_processes(raylet: int, title_prefix: str) -> list[int]:
-    """PIDs of the raylet's children whose process title starts with ``title_prefix``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != raylet:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        if title.startswith(title_prefix):
-            found.append(int(entry))
-    return found
-
-
-def kill_while_running(fn, raylet: int, title_prefix: str, max_kills: int):
+def kill_while_running(fn, processes, title_prefix: str, max_kills: int):
     """Run ``fn()`` in a thread; SIGKILL each new process titled ``title_prefix`` (up to
-    ``max_kills``) until ``fn`` returns -> (its result or exception, pids killed)."""
+    ``max_kills``; ``processes``: the ``ray_worker_processes`` fixture) until ``fn`` returns
+    -> (its result or exception, pids killed)."""
+    def ray_processes() -> list[int]:
+        return [pid for pid, title in processes().items() if title.startswith(title_prefix)]
+
     killed: list[int] = []
-    earlier = set(ray_processes(raylet, title_prefix))  # e.g. actors of an earlier test, on their way out
+    earlier = set(ray_processes())  # e.g. actors of an earlier test, on their way out
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(fn)
         deadline = time.monotonic() + TIMEOUT_S
         while not future.done():
             assert time.monotonic() < deadline, "the work did not finish"
             if len(killed) < max_kills:
-                for pid in ray_processes(raylet, title_prefix):
+                for pid in ray_processes():
                     if pid not in killed and pid not in earlier and len(killed) < max_kills:
                         try:
                             os.kill(pid, signal.SIGKILL)
@@ -94,29 +69,28 @@ def refine_inputs(seed: int = 0):
     return old, new, labels, len(sizes)
 
 
-def test_refinement_actor_killed_is_retried(ray_session, torch_one_thread):
+def test_refinement_actor_killed_is_retried(ray_worker_processes, torch_one_thread):
     from unibct_ray.compat.prototypes import refine_prototypes
     from unibct_ray.distributed.prototypes import RefineParams, refine_distributed
 
     old, new, labels, c = refine_inputs()
     reference = refine_prototypes(old, new, labels, c).numpy()
-    raylet = raylet_pid(ray_session)
     got, killed = kill_while_running(
         lambda: refine_distributed(old, new, labels, c, RefineParams(), workers=2),
-        raylet, "ray::RefineActor.refine_arrays", max_kills=1)
+        ray_worker_processes, "ray::RefineActor.refine_arrays", max_kills=1)
     assert len(killed) == 1, "no refinement call was caught running"
     assert isinstance(got, np.ndarray), got
     np.testing.assert_allclose(got, reference, atol=1e-5)  # the retried range is exact, none missing
 
 
-def test_refinement_actors_killed_for_good_fail_cleanly(ray_session, tmp_path, capsys):
+def test_refinement_actors_killed_for_good_fail_cleanly(ray_worker_processes, tmp_path, capsys):
     old, new, labels, _ = refine_inputs(1)
     for name, arr in (("o", old), ("n", new), ("l", labels)):
         np.save(tmp_path / f"{name}.npy", arr)
     out = tmp_path / "p.npy"
     argv = ["prototypes", "--old-features", str(tmp_path / "o.npy"), "--new-features", str(tmp_path / "n.npy"),
             "--labels", str(tmp_path / "l.npy"), "--out", str(out), "--workers", "2"]
-    code, killed = kill_while_running(lambda: main(argv), raylet_pid(ray_session),
+    code, killed = kill_while_running(lambda: main(argv), ray_worker_processes,
                                       "ray::RefineActor.refine_arrays", max_kills=100)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1, (code, err)
@@ -127,7 +101,7 @@ def test_refinement_actors_killed_for_good_fail_cleanly(ray_session, tmp_path, c
 
 
 # ----------------------------------------------------------------------------- extraction actors
-def test_extraction_actor_with_live_weights_restarts_and_finishes(ray_session, tmp_path):
+def test_extraction_actor_with_live_weights_restarts_and_finishes(ray_worker_processes, tmp_path):
     """Live weights (the in-loop refinement's) reach the extraction actors as a file path, not
     pickled into the pool's constructor arguments: an actor killed mid-pass is restarted and
     rebuilt from the path, the features equal a plain forward pass, and the file is gone after.
@@ -165,7 +139,7 @@ def test_extraction_actor_with_live_weights_restarts_and_finishes(ray_session, t
     got, killed = kill_while_running(
         lambda: extract_features(src, out, state_dict=state, model_spec=spec, actors=2, batch_size=16,
                                  task_cpus=0.5),
-        raylet_pid(ray_session), "ray::MapWorker(MapBatches(Embedder))", max_kills=1)
+        ray_worker_processes, "ray::MapWorker(MapBatches(Embedder))", max_kills=1)
     assert len(killed) == 1, "no extraction actor was caught running"
     assert got == out, got
     cols = read_columns(read_manifest(out), ["index", FEATURE_COLUMN])
@@ -211,13 +185,13 @@ def test_shard_actor_keeps_a_built_index(ray_session):
     np.testing.assert_array_equal(i3, brute_force_knn(gallery[:100], queries, 7)[1])
 
 
-def test_shard_actor_killed_is_replaced(ray_session):
+def test_shard_actor_killed_is_replaced(ray_worker_processes):
     from unibct_ray.distributed.knn import RayShardedKNN
     from unibct_ray.metrics.knn import brute_force_knn
 
     gallery, queries = gallery_and_queries()
     knn = RayShardedKNN(shards=2)
-    got, killed = kill_while_running(lambda: knn(gallery, queries, 10), raylet_pid(ray_session),
+    got, killed = kill_while_running(lambda: knn(gallery, queries, 10), ray_worker_processes,
                                      "ray::FaissShardActor", max_kills=1)
     assert len(killed) == 1 and knn.recoveries == 1, (killed, knn.recoveries)
     assert isinstance(got, tuple), got
@@ -226,13 +200,13 @@ def test_shard_actor_killed_is_replaced(ray_session):
     np.testing.assert_allclose(got[0], scores, rtol=1e-4, atol=1e-4)
 
 
-def test_shard_actors_killed_for_good_fail_cleanly(ray_session):
+def test_shard_actors_killed_for_good_fail_cleanly(ray_worker_processes):
     from unibct_ray.distributed.knn import RayShardedKNN
     from unibct_ray.errors import JobFailedError
 
     gallery, queries = gallery_and_queries(1)
     knn = RayShardedKNN(shards=2, retries=1)
-    got, killed = kill_while_running(lambda: knn(gallery, queries, 10), raylet_pid(ray_session),
+    got, killed = kill_while_running(lambda: knn(gallery, queries, 10), ray_worker_processes,
                                      "ray::FaissShardActor", max_kills=100)
     assert isinstance(got, JobFailedError), got
     msg = str(got)

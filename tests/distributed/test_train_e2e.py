@@ -50,8 +50,30 @@ def read_metrics(run: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+# The worker processes of one fit: Ray Train's controller, workers and their synchronisation
+# actor, Ray Data's split coordinator of the ingest, and the run's epoch clock.
+FIT_PROCESSES = ("ray::TrainController", "ray::RayTrainWorker", "ray::SynchronizationActor", "ray::SplitCoordinator",
+                 "ray::_EpochClock")
+
+
+def released_after_fit(workers, timeout: float = 20.0) -> list[str]:
+    """The titles of the node's worker processes (not its agents) once none of a fit's own is
+    left (Ray ends an actor shortly after its last handle goes); fails listing those still
+    there after ``timeout`` s. ``workers``: the ``ray_worker_processes`` fixture."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        now = sorted(t for t in workers().values() if not t.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")))
+        left = [w for w in now if w.startswith(FIT_PROCESSES)]
+        if not left:
+            return now
+        assert time.monotonic() < deadline, f"still running {timeout:.0f} s after the fit returned: {left}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
-def workspace(ray_session, tmp_path_factory):
+def workspace(ray_session, ray_worker_processes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     assert main(["data", "synth", "--out", str(tmp / "synth"), "--identities", "16", "--images-per-identity", "14",
                  "--count-spread", "0", "--size", "32", "--eval-identities", "0", "--strength", "0.3",
@@ -63,6 +85,13 @@ def workspace(ray_session, tmp_path_factory):
     res = train(cfg_for(tmp, "old", "old", epochs=3))
     m = read_metrics(res.run_dir)
     assert len(m) == 3 and m[-1]["loss"] < m[0]["loss"]
+    # The phases the demo runs (synth and convert tasks, a training fit) release their worker
+    # processes: the fit's actors end when it returns, not at the next fit, and what stays is
+    # Ray Data's session actors plus the raylet's pool of idle workers (at most the node's
+    # logical CPUs, 4, are kept; more are reaped after a second idle).
+    left = released_after_fit(ray_worker_processes)
+    assert sum(w == "ray::IDLE" for w in left) <= 4 + 2, left  # + 2 being reaped when listed
+    assert len([w for w in left if w != "ray::IDLE"]) <= 4, left
     return tmp
 
 

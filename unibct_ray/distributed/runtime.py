@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import ray
 
 from unibct_ray.errors import UserError
 
-__all__ = ["ensure_ray", "quiet_ray_data_console", "unwrap_task_error", "run_tasks", "spread_placement"]
+__all__ = ["ensure_ray", "quiet_ray_data_console", "unwrap_task_error", "run_tasks", "spread_placement",
+           "keep_sigint_handler"]
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -103,6 +105,29 @@ def run_tasks(jobs: Sequence[tuple[Hashable, int, Callable[[], Any]]], *, desc: 
     finally:
         bar.close()
     return results
+
+
+@contextlib.contextmanager
+def keep_sigint_handler() -> Iterator[None]:
+    """Put back this process's Ctrl-C handler when the block ends.
+
+    Ray Train's ``fit()`` installs a SIGINT handler (a graceful abort) that closes over its
+    controller actor's handle and stays installed after ``fit()`` returns: the finished run's
+    controller and its dataset split coordinator then live on, two idle worker processes,
+    until the next ``fit()`` replaces the handler (through the evaluation after a training, or
+    for the rest of the process). Restoring the handler drops that last handle, so Ray ends
+    them when the fit returns. Off the main thread (a Tune trial) no handler is installed.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 @contextlib.contextmanager

@@ -66,6 +66,7 @@ from unibct_ray.config import TrainConfig, from_dict, to_dict
 from unibct_ray.data.shards import atomic_write_text, read_manifest
 from unibct_ray.distributed.data import FLIP_COLUMN, OLD_FEATURE_COLUMN, epoch_clock, set_epoch_clock, training_dataset
 from unibct_ray.distributed.method_inputs import write_method_inputs
+from unibct_ray.distributed.runtime import keep_sigint_handler
 from unibct_ray.errors import ConfigError, JobFailedError, UserError
 from unibct_ray.resources import extract_actor_resources, train_worker_resources
 
@@ -768,6 +769,7 @@ def _fit(cfg: TrainConfig, loop: dict, dataset: ray.data.Dataset, run_dir: Path,
         with contextlib.ExitStack() as stack:
             for path, name, epochs in tails:
                 stack.enter_context(_ProgressTail(path, name, epochs))
+            stack.enter_context(keep_sigint_handler())
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         first = _worker_error_line(e)
