@@ -56,7 +56,7 @@ FIT_PROCESSES = ("ray::TrainController", "ray::RayTrainWorker", "ray::Synchroniz
                  "ray::_EpochClock")
 
 
-def released_after_fit(workers, timeout: float = 20.0) -> list[str]:
+def released_after_fit(workers, timeout: float = 60.0) -> list[str]:
     """The titles of the node's worker processes (not its agents) once none of a fit's own is
     left (Ray ends an actor shortly after its last handle goes); fails listing those still
     there after ``timeout`` s. ``workers``: the ``ray_worker_processes`` fixture."""
