@@ -56,15 +56,17 @@ FIT_PROCESSES = ("ray::TrainController", "ray::RayTrainWorker", "ray::Synchroniz
                  "ray::_EpochClock")
 
 
-def released_after_fit(workers, timeout: float = 60.0) -> list[str]:
-    """The titles of the node's worker processes (not its agents) once none of a fit's own is
-    left (Ray ends an actor shortly after its last handle goes); fails listing those still
-    there after ``timeout`` s. ``workers``: the ``ray_worker_processes`` fixture."""
+def released_after_fit(workers, before: set[int], timeout: float = 60.0) -> list[str]:
+    """The titles of the node's worker processes started since ``before`` (their pids; the
+    session's earlier tests may keep their own) once none of a fit's own is left (Ray ends an
+    actor shortly after its last handle goes), agents aside; fails listing those still there
+    after ``timeout`` s. ``workers``: the ``ray_worker_processes`` fixture."""
     import time
 
     deadline = time.monotonic() + timeout
     while True:
-        now = sorted(t for t in workers().values() if not t.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")))
+        now = sorted(t for pid, t in workers().items()
+                     if pid not in before and not t.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")))
         left = [w for w in now if w.startswith(FIT_PROCESSES)]
         if not left:
             return now
@@ -75,6 +77,7 @@ def released_after_fit(workers, timeout: float = 60.0) -> list[str]:
 @pytest.fixture(scope="module")
 def workspace(ray_session, ray_worker_processes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
+    before = set(ray_worker_processes())
     assert main(["data", "synth", "--out", str(tmp / "synth"), "--identities", "16", "--images-per-identity", "14",
                  "--count-spread", "0", "--size", "32", "--eval-identities", "0", "--strength", "0.3",
                  "--no-progress"]) == 0
@@ -89,7 +92,7 @@ def workspace(ray_session, ray_worker_processes, tmp_path_factory):
     # processes: the fit's actors end when it returns, not at the next fit, and what stays is
     # Ray Data's session actors plus the raylet's pool of idle workers (at most the node's
     # logical CPUs, 4, are kept; more are reaped after a second idle).
-    left = released_after_fit(ray_worker_processes)
+    left = released_after_fit(ray_worker_processes, before)
     assert sum(w == "ray::IDLE" for w in left) <= 4 + 2, left  # + 2 being reaped when listed
     assert len([w for w in left if w != "ray::IDLE"]) <= 4, left
     return tmp
