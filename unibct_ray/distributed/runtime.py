@@ -129,9 +129,8 @@ def keep_sigint_handler() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        # The fit's objects may still hold a controller handle inside a reference cycle; Ray
-        # ends the actor only once the last handle is freed, which a cycle delays until the
-        # collector happens to run (seen: the controller alive 20 s after a fit, now and then).
+        # Should the fit's objects hold a controller handle inside a reference cycle, Ray could
+        # end the actor only when the collector next ran; collect now.
         gc.collect()
 
 
