@@ -542,14 +542,12 @@ def _run_chain(out: Path, scenarios: list[str], methods: list[str], *, seed: int
         _say(f"2/5 [{sc}] v1: the old model on the old split ({split / 'old'})")
         v1 = _train_or_reuse(_old_config(split, runs, plan, seed))
         _say(f"3/5 [{sc}] v2 of {', '.join(methods)}: the new split, each compatible with v1 (one Ray Train fit)")
-        v2 = dict(zip(methods, _train_or_reuse_group(
-            [_method_config(m, split / "new", runs, v1, cache, plan, seed) for m in methods])))
+        v2_cfgs = [_method_config(m, split / "new", runs, v1, cache, plan, seed) for m in methods]
+        v2 = dict(zip(methods, _train_or_reuse_group(v2_cfgs)))
         _say(f"4/5 [{sc}] v3 of {', '.join(methods)}: every training identity ({whole}), each compatible "
              "with its v2 (a Ray Train fit per v2)")
-        v3_cfgs = []
-        for m in methods:
-            name = _method_config(m, split / "new", runs, v1, cache, plan, seed).name
-            v3_cfgs.append(_method_config(m, whole, runs, v2[m], cache, plan, seed, (f"name={name}-v3",)))
+        v3_cfgs = [_method_config(m, whole, runs, v2[m], cache, plan, seed, (f"name={c.name}-v3",))
+                   for m, c in zip(methods, v2_cfgs)]
         v3 = dict(zip(methods, _train_by_old_model(v3_cfgs)))
         _say(f"5/5 [{sc}] the compatibility matrix of each chain on the synthetic IJB-C")
         meta = read_ijbc_meta(synth)

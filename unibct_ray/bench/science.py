@@ -207,11 +207,11 @@ def science_markdown(result: dict[str, Any]) -> list[str]:
 CHAIN_PAIRS = ("v2 -> v1", "v3 -> v2", "v3 -> v1")
 
 
-def _train_chain(methods: Sequence[str], seeds: Sequence[int], ckpts: dict[str, Path], split: Path, runs: Path,
-                 cache: Path, dplan: Any, scenario: str) -> dict[str, Path]:
+def _train_chain(methods: Sequence[str], seeds: Sequence[int], ckpts: dict[str, Path], v2_cfgs: dict[str, Any],
+                 split: Path, runs: Path, cache: Path, dplan: Any, scenario: str) -> dict[str, Path]:
     """Each (method, seed)'s v3: every training identity, compatible with that seed's v2 by the
-    same method; a Ray Train fit per v2 (``independent`` joins one). Returns
-    {"<method>/seed-<s>": v3 checkpoint}."""
+    same method; a Ray Train fit per v2 (``independent`` joins one). ``ckpts``/``v2_cfgs``: the
+    v2 checkpoints and configs by "<method>/seed-<s>". Returns {"<method>/seed-<s>": v3 checkpoint}."""
     from unibct_ray.demo import _method_config, _train_by_old_model
 
     whole = split.parent.parent / "shards"
@@ -222,9 +222,8 @@ def _train_chain(methods: Sequence[str], seeds: Sequence[int], ckpts: dict[str, 
         keys = [f"{m}/seed-{s}" for m in methods]
         cfgs = []
         for m, k in zip(methods, keys):
-            name = _method_config(m, split / "new", runs / f"seed-{s}", ckpts[k], cache / "old-features", dplan, s).name
             cfgs.append(_method_config(m, whole, runs / f"seed-{s}", ckpts[k], cache / "old-features", dplan, s,
-                                       (f"name={name}-v3",)))
+                                       (f"name={v2_cfgs[k].name}-v3",)))
         v3.update(zip(keys, _train_by_old_model(cfgs)))
     return v3
 
@@ -373,7 +372,8 @@ def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = Fa
     ckpts: dict[str, Path] = {}
     for s, jobs in groups.items():
         ckpts.update(zip([k for k, _ in jobs], _train_or_reuse_group([c for _, c in jobs])))
-    v3 = _train_chain(methods, plan.seeds, ckpts, split, runs, cache, dplan, scenario) if chain else {}
+    v2_cfgs = {k: c for jobs in groups.values() for k, c in jobs}
+    v3 = _train_chain(methods, plan.seeds, ckpts, v2_cfgs, split, runs, cache, dplan, scenario) if chain else {}
 
     _say(f"[{scenario}] features of {1 + len(ckpts) + len(v3)} models on the IJB-C, then the evaluations")
     meta = read_ijbc_meta(synth)
