@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from unibct_ray.bench.eval import synthetic_ijbc, write_ijbc_folder
 from unibct_ray.distributed.evaluate import SHARD_WORK_THRESHOLD, auto_shards
@@ -19,7 +20,8 @@ import json, sys
 from unibct_ray.cli import main
 rc = main(sys.argv[1:])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "torch", "torchvision"))
-print(json.dumps({"rc": rc, "heavy": heavy}))
+benches = sorted(m for m in sys.modules if m.startswith("unibct_ray.bench."))
+print(json.dumps({"rc": rc, "heavy": heavy, "benches": benches}))
 """
 
 
@@ -34,9 +36,23 @@ def test_eval_from_features_imports_neither_ray_nor_torch(tmp_path: Path) -> Non
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res == {"rc": 0, "heavy": []}
+    # No bench module is imported to build the parser of another command.
+    assert res == {"rc": 0, "heavy": [], "benches": []}
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["protocol"]["shards"] == 1
+    # One exact in-process shard: the 1:N scores come from the 1:1 score grid (no FAISS index),
+    # and they equal a FAISS flat index's (an independent backend) on the same features.
+    assert rep["protocol"]["knn"] == "brute_force (numpy, exact)"
+    assert rep["protocol"]["score_grid_shared"] is True
+    from unibct_ray.data.ijbc import read_ijbc_meta
+    from unibct_ray.metrics.evaluate import evaluate_features
+    from unibct_ray.metrics.knn import faiss_knn
+
+    ref, _ = evaluate_features(read_ijbc_meta(root), old, new, knn=faiss_knn("flat"), bootstrap=0)
+    assert ref["protocol"]["score_grid_shared"] is False
+    for section in ("verification", "identification"):
+        for test, values in ref[section].items():
+            assert rep[section][test] == pytest.approx(values, abs=2e-3), (section, test)
     # The parsed meta was cached beside the report (OUT/cache) for the next evaluation.
     assert len(list((tmp_path / "out" / "cache").glob("ijbc-meta-*.npz"))) == 1
 

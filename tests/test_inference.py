@@ -48,6 +48,22 @@ def test_cpu_path_is_plain_float32_forward():
         torch.set_num_threads(before)
 
 
+def test_cpu_path_uses_the_granted_cpus_as_threads():
+    # An actor granted 2 CPUs runs two intra-op threads; a fractional grant still gets one.
+    model, x = _model_and_batch(1)
+    ref = _reference(model, x, False)
+    before = torch.get_num_threads()
+    try:
+        emb = DeviceEmbedder([model], use_gpu=False, threads=2)
+        assert torch.get_num_threads() == 2
+        got = emb.embed(x)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)  # only the summation order may differ
+        DeviceEmbedder([model], use_gpu=False, threads=0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_gpu_requested_without_cuda_is_one_clear_error():
     with pytest.raises(RuntimeError, match="no CUDA device"):

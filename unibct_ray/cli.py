@@ -306,7 +306,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(bench: bool = True) -> argparse.ArgumentParser:
+    """The command line. ``bench=False`` leaves out the bench subcommands (their modules are
+    imported to build them), for a command line whose command is not ``bench``."""
     parser = argparse.ArgumentParser(
         prog="unibct-ray",
         description="Backward-compatible embedding training (UniBCT) and IJB-C evaluation on Ray.",
@@ -593,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from unibct_ray.bench import add_bench_parser
 
-    add_bench_parser(sub, _Formatter)
+    add_bench_parser(sub, _Formatter, subcommands=bench)
     return parser
 
 
@@ -640,7 +642,10 @@ def check_flag_ranges(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # The global flags take no value, so the first word that is not a flag is the command.
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(bench=command in (None, "bench"))
     args = parser.parse_args(argv)
     try:
         if getattr(args, "command", None) != "bench":  # benches check their own sizes

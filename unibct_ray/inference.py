@@ -4,8 +4,9 @@ Feature extraction (old features, refinement features), IJB-C extraction and dis
 embedding all run a backbone over batches of decoded images inside a Ray actor. They share
 :class:`DeviceEmbedder`, which decides the device once per actor and keeps the model there:
 
-- ``use_gpu=False``: CPU, float32, one intra-op thread (one actor per core: more threads
-  would oversubscribe the node). This is what every CPU run has always done, bit for bit.
+- ``use_gpu=False``: CPU, float32, ``threads`` intra-op threads: the CPUs the actor was
+  granted (1 by default; an actor that asks for more CPUs uses them, so the node is never
+  oversubscribed). Features do not depend on the thread count beyond float rounding.
 - ``use_gpu=True``: the actor was given a GPU share, so ``cuda`` (the device Ray made
   visible to it). ``cudnn.benchmark`` picks the fastest kernels for the fixed batch shape,
   host batches are pinned and copied with ``non_blocking=True`` (the copy overlaps the
@@ -52,14 +53,16 @@ class DeviceEmbedder:
     Args:
         models: the backbones (moved to the device and put in eval mode here).
         use_gpu: the process was given a GPU share (see :func:`select_device`).
+        threads: torch intra-op threads on CPU: the whole CPUs the actor was granted
+            (``max(1, floor(num_cpus))``); ignored on a GPU.
     """
 
-    def __init__(self, models: list[torch.nn.Module], use_gpu: bool = False):
+    def __init__(self, models: list[torch.nn.Module], use_gpu: bool = False, threads: int = 1):
         self.device = select_device(use_gpu)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one batch shape per pass: tune its kernels once
         else:
-            torch.set_num_threads(1)  # one actor per core: intra-op threads would oversubscribe
+            torch.set_num_threads(max(1, int(threads)))  # the CPUs granted: more would oversubscribe
         self.models = [m.to(self.device).eval() for m in models]
 
     @property

@@ -42,10 +42,12 @@ def _run(name: str, module: str, a: argparse.Namespace) -> int:
     return exit_status(result)  # 1 when the result reports a failed check (``ok: false``)
 
 
-def add_bench_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
-    """Register ``bench`` and one subcommand per entry of :data:`BENCHES`."""
-    from unibct_ray.bench.common import add_output_arguments
+def add_bench_parser(sub: argparse._SubParsersAction, formatter: type, subcommands: bool = True) -> None:
+    """Register ``bench`` and one subcommand per entry of :data:`BENCHES`.
 
+    ``subcommands=False``: ``bench`` alone, for a command line whose command is another one (the
+    subcommands' options need every bench module imported: ~0.7 s that ``eval`` would pay).
+    """
     width = max(len(name) for name in BENCHES)
     listing = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in BENCHES.items())
     bench = sub.add_parser("bench", help="speed and memory benchmarks (figures quoted in the README)",
@@ -54,6 +56,10 @@ def add_bench_parser(sub: argparse._SubParsersAction, formatter: type) -> None:
                                        "Output: a table, then the same result as JSON (--json PATH keeps it).\n\n"
                                        + listing)
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    if not subcommands:
+        return
+    from unibct_ray.bench.common import add_output_arguments
+
     for name, (module, text) in BENCHES.items():
         mod = importlib.import_module(module)
         description = getattr(mod, "DESCRIPTION", None) or (mod.__doc__ or text)

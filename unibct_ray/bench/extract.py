@@ -5,7 +5,8 @@ same cores:
 
 - **actor path**: :func:`unibct_ray.distributed.extract.extract_features`, as every
   extraction of a run calls it (Parquet read tasks -> an actor pool decoding and embedding
-  batches, one torch thread per actor -> a feature shard set written and renamed into place);
+  batches, one torch thread per whole CPU of ``--actor-cpus`` -> a feature shard set
+  written and renamed into place);
   Ray is started by the bench, ``--actors`` defaults to the number of cores.
 - **plain loop**: one process reads the same Parquet files with pyarrow, decodes with the same
   ``decode_images`` and runs the backbone over batches of the same size with
@@ -74,7 +75,8 @@ def _by_index(index: np.ndarray, feats: np.ndarray) -> np.ndarray:
 
 
 def bench_extract(out: Path, images: int, small_images: int, size: int, backbone: str, embedding_size: int,
-                  batch: int, actors: int, cores: int, rows_per_shard: int, distinct: int, rounds: int) -> dict:
+                  batch: int, actors: int, cores: int, rows_per_shard: int, distinct: int, rounds: int,
+                  actor_cpus: float = 1.0) -> dict:
     """Time the actor path and the plain loop on ``images`` (and ``small_images``) rows; compare
     their features. Returns the result dict printed by the bench."""
     import torch
@@ -99,7 +101,7 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
     # More logical CPUs than cores (ensure_ray's rule): the read and write tasks need a CPU of
     # their own beside actors that hold one each. A process already connected keeps its Ray.
     started = not ray.is_initialized()
-    ensure_ray(num_cpus=max(4, 2 * cores))
+    ensure_ray(num_cpus=max(4, 2 * cores, int(actors * actor_cpus) + 2))
     try:
         results: dict[str, np.ndarray] = {}
         threads = torch.get_num_threads()
@@ -116,7 +118,7 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
         def actor_path(n: int):
             def go() -> None:
                 dst = extract_features(sets[n], out / f"features-{n}", state_dict=state, model_spec=spec,
-                                       actors=actors, batch_size=batch, cpus_per_actor=1.0, task_cpus=1.0,
+                                       actors=actors, batch_size=batch, cpus_per_actor=actor_cpus, task_cpus=1.0,
                                        overwrite=True)
                 results[f"actors-{n}"] = _by_index(*_read_features(dst))
             return go
@@ -134,7 +136,7 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
     best = {k: min(v) for k, v in times.items()}
     res: dict = {
         "backbone": backbone, "size": size, "embedding_size": embedding_size, "batch": batch, "cores": cores,
-        "actors": actors, "rows_per_shard": rows_per_shard, "rounds": rounds,
+        "actors": actors, "actor_cpus": actor_cpus, "rows_per_shard": rows_per_shard, "rounds": rounds,
         "machine_before": load_before, "machine_after": machine(),
         "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
     }
@@ -165,7 +167,7 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
     res["ok"] = res["same_features"]
     res["note"] = ("whole-call images/s at --images (best of the rounds); steady = per-image rate from the "
                    "difference between the two sizes, fixed_s = the rest of a call (planning, actor start-up, "
-                   "writing); plain loop: torch.set_num_threads(cores), actors: one thread each")
+                   "writing); plain loop: torch.set_num_threads(cores), actors: one torch thread per whole CPU of --actor-cpus")
     return res
 
 
@@ -180,7 +182,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-size", type=int, default=512)
     p.add_argument("--batch", type=int, default=64, help="images per forward pass (both contenders)")
     p.add_argument("--cores", type=int, default=None, help="cores to use (default: all of this machine's)")
-    p.add_argument("--actors", type=int, default=None, help="actor pool size (default: --cores)")
+    p.add_argument("--actors", type=int, default=None, help="actor pool size (default: --cores / --actor-cpus)")
+    p.add_argument("--actor-cpus", type=float, default=1.0,
+                   help="CPUs per actor (extract_cpus of a config); an actor runs one torch thread per whole CPU")
     p.add_argument("--rows-per-shard", type=int, default=50_000,
                    help="rows per Parquet file (data convert's default). Ray Data reads a file as one block and "
                         "an actor takes a block whole; extract_features caps the block size so that a set "
@@ -193,14 +197,16 @@ def run(a: argparse.Namespace) -> dict:
     from unibct_ray.errors import UserError
 
     cores = a.cores or os.cpu_count() or 1
-    actors = a.actors or cores
+    if a.actor_cpus <= 0:
+        raise UserError(f"--actor-cpus must be > 0, got {a.actor_cpus}")
+    actors = a.actors or max(1, int(cores // a.actor_cpus))
     if a.images < 1 or a.small_images < 0 or a.small_images >= a.images and a.small_images:
         raise UserError(f"--images ({a.images}) must be >= 1 and larger than --small-images ({a.small_images})")
     if a.rounds < 1 or a.batch < 1 or actors < 1 or a.rows_per_shard < 1:
         raise UserError("--rounds, --batch, --actors and --rows-per-shard must be >= 1")
     t = time.perf_counter()
     res = bench_extract(a.out, a.images, a.small_images, a.size, a.backbone, a.embedding_size, a.batch, actors,
-                        cores, a.rows_per_shard, a.distinct, a.rounds)
+                        cores, a.rows_per_shard, a.distinct, a.rounds, actor_cpus=a.actor_cpus)
     res["wall_s"] = round(time.perf_counter() - t, 1)
     return res
 

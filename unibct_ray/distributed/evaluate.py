@@ -484,12 +484,18 @@ def _knn_backend(a: EvalArgs, shards: int, gpus: float) -> tuple[Any, contextlib
     """(1:N backend, a context that keeps its actors up, the recall probe or None).
 
     ``shards`` > 1: FAISS shards on Ray actors (they stay up for every search of the
-    evaluation); otherwise one in-process FAISS index. An approximate index is wrapped in a
-    probe that measures its recall against exact search.
+    evaluation). One shard: an exact (``flat``) search on the CPU is ``brute_force_knn``, which
+    lets ``evaluate_features`` take each 1:N test's scores from the score grid its 1:1 test
+    already computed (the same exact top-k as a FAISS flat index, without the second set of
+    products: the CLI measured 2x the CPU time of the in-process report with FAISS here); an
+    approximate or GPU index is one in-process FAISS index. An approximate index is wrapped in
+    a probe that measures its recall against exact search.
     """
     from unibct_ray.metrics.distractors import RecallKNN
-    from unibct_ray.metrics.knn import FaissKNN
+    from unibct_ray.metrics.knn import FaissKNN, brute_force_knn
 
+    if shards <= 1 and a.index == "flat" and not gpus and not a.use_gpu:
+        return brute_force_knn, contextlib.nullcontext(), None
     if shards > 1:
         from unibct_ray.distributed.knn import RayShardedKNN
 

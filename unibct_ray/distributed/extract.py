@@ -28,11 +28,11 @@ class Embedder:
 
     ``use_gpu``: the actor was given a GPU share (``num_gpus`` of the pool), so the backbone
     runs there under fp16 autocast (:class:`unibct_ray.inference.DeviceEmbedder`); otherwise
-    on one CPU thread in float32, as always.
+    on the CPU in float32 with ``threads`` intra-op threads (the whole CPUs the actor holds).
     """
 
     def __init__(self, checkpoint: str, column: str, keep_images: bool, image_size: int | None = None,
-                 weights_path: str = "", use_gpu: bool = False):
+                 weights_path: str = "", use_gpu: bool = False, threads: int = 1):
         from unibct_ray.inference import DeviceEmbedder
 
         if checkpoint:
@@ -49,7 +49,7 @@ class Embedder:
             model = build_backbone(**saved["model_spec"])
             model.load_state_dict(saved["state_dict"])
             self.size = image_size or saved["model_spec"]["input_size"]
-        self.embedder = DeviceEmbedder([model], use_gpu=use_gpu)
+        self.embedder = DeviceEmbedder([model], use_gpu=use_gpu, threads=threads)
         self.column = column
         self.keep_images = keep_images
 
@@ -87,7 +87,8 @@ def extract_features(
     ``task_cpus``: the CPUs each read / write task asks for (a run inside a training loop
     asks for less, so that it fits beside the training workers).
     ``gpus_per_actor``: the GPU share of each actor (``unibct_ray.resources``); > 0 embeds on
-    the GPU under fp16 autocast, 0 on one CPU thread per actor in float32. ``batch_size``:
+    the GPU under fp16 autocast, 0 on the CPU in float32 with one torch thread per whole CPU
+    of ``cpus_per_actor``. ``batch_size``:
     images per forward pass (``extract_batch`` of the config).
     ``state_dict`` + ``model_spec`` (no ``checkpoint``): a live run's weights; they are written
     to a file beside ``out`` for the pass and the actors load them from there, so an actor that
@@ -134,7 +135,8 @@ def extract_features(
             batch_size=batch_size,
             fn_constructor_kwargs={"checkpoint": str(checkpoint or ""), "column": column,
                                    "keep_images": keep_images, "weights_path": weights_path,
-                                   "use_gpu": gpus_per_actor > 0},
+                                   "use_gpu": gpus_per_actor > 0,
+                                   "threads": max(1, int(cpus_per_actor))},
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor,
             **({"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {}),
