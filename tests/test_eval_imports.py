@@ -64,3 +64,20 @@ def test_auto_shards_threshold() -> None:
     rows = int(SHARD_WORK_THRESHOLD // (19_593 * 512))
     assert auto_shards(rows, 19_593, 512) == 1
     assert auto_shards(rows + 1, 19_593, 512) == 2
+
+
+def test_feature_file_check_names_a_bad_row_past_the_first_block(tmp_path: Path) -> None:
+    # The finiteness check reads the mapped file in blocks (8,192 rows at 512-d): a NaN in a
+    # later block is found and named by its row in the whole file.
+    from unibct_ray.distributed.evaluate import load_feature_file
+    from unibct_ray.errors import DataFormatError
+
+    feats = np.random.default_rng(0).standard_normal((20_000, 512)).astype(np.float32)
+    np.save(tmp_path / "ok.npy", feats)
+    loaded = load_feature_file(tmp_path / "ok.npy", 20_000, "new features")
+    np.testing.assert_array_equal(loaded, feats)
+    feats[17_345, 100] = np.inf
+    feats[19_999, 0] = np.nan
+    np.save(tmp_path / "bad.npy", feats)
+    with pytest.raises(DataFormatError, match=r"bad\.npy: new features row 17345 holds NaN/inf"):
+        load_feature_file(tmp_path / "bad.npy", 20_000, "new features")

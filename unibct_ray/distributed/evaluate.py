@@ -99,10 +99,12 @@ def load_feature_file(path: Path, n_images: int | None, what: str, *, min_rows: 
                               "(rows must follow ijbc_name_5pts_score.txt)")
     if arr.shape[0] < min_rows:
         raise DataFormatError(f"{path}: {what} has {arr.shape[0]} rows, at least {min_rows} are needed")
-    out = np.asarray(arr, np.float32)
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        raise DataFormatError(f"{path}: {what} row {int(np.flatnonzero(bad)[0])} holds NaN/inf")
+    out = np.asarray(arr, np.float32)  # float32: the mapped file itself, read on first touch
+    step = max(1, (1 << 22) // max(1, out.shape[1]))  # 4 MiB of flags at a time, not one per element
+    for lo in range(0, out.shape[0], step):
+        bad = ~np.isfinite(out[lo:lo + step]).all(axis=1)
+        if bad.any():
+            raise DataFormatError(f"{path}: {what} row {lo + int(np.flatnonzero(bad)[0])} holds NaN/inf")
     return out
 
 
