@@ -7,7 +7,8 @@ same cores:
   extraction of a run calls it (Parquet read tasks -> an actor pool decoding and embedding
   batches, one torch thread per whole CPU of ``--actor-cpus`` -> a feature shard set
   written and renamed into place);
-  Ray is started by the bench, ``--actors`` defaults to the number of cores.
+  Ray is started by the bench; by default one one-CPU actor per core (``--actors``,
+  ``--actor-cpus``).
 - **plain loop**: one process reads the same Parquet files with pyarrow, decodes with the same
   ``decode_images`` and runs the backbone over batches of the same size with
   ``torch.set_num_threads(cores)``.
@@ -184,7 +185,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cores", type=int, default=None, help="cores to use (default: all of this machine's)")
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: --cores / --actor-cpus)")
     p.add_argument("--actor-cpus", type=float, default=1.0,
-                   help="CPUs per actor (extract_cpus of a config); an actor runs one torch thread per whole CPU")
+                   help="CPUs per actor (extract_cpus of a config); an actor runs one torch thread per whole CPU "
+                        "it holds (--actor-cpus 2 --actors 1: one actor with the 2 cores' threads)")
     p.add_argument("--rows-per-shard", type=int, default=50_000,
                    help="rows per Parquet file (data convert's default). Ray Data reads a file as one block and "
                         "an actor takes a block whole; extract_features caps the block size so that a set "
@@ -197,16 +199,17 @@ def run(a: argparse.Namespace) -> dict:
     from unibct_ray.errors import UserError
 
     cores = a.cores or os.cpu_count() or 1
-    if a.actor_cpus <= 0:
+    actor_cpus = float(a.actor_cpus)
+    if actor_cpus <= 0:
         raise UserError(f"--actor-cpus must be > 0, got {a.actor_cpus}")
-    actors = a.actors or max(1, int(cores // a.actor_cpus))
+    actors = a.actors or max(1, int(cores // actor_cpus))
     if a.images < 1 or a.small_images < 0 or a.small_images >= a.images and a.small_images:
         raise UserError(f"--images ({a.images}) must be >= 1 and larger than --small-images ({a.small_images})")
     if a.rounds < 1 or a.batch < 1 or actors < 1 or a.rows_per_shard < 1:
         raise UserError("--rounds, --batch, --actors and --rows-per-shard must be >= 1")
     t = time.perf_counter()
     res = bench_extract(a.out, a.images, a.small_images, a.size, a.backbone, a.embedding_size, a.batch, actors,
-                        cores, a.rows_per_shard, a.distinct, a.rounds, actor_cpus=a.actor_cpus)
+                        cores, a.rows_per_shard, a.distinct, a.rounds, actor_cpus=actor_cpus)
     res["wall_s"] = round(time.perf_counter() - t, 1)
     return res
 
