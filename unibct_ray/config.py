@@ -176,7 +176,7 @@ class TrainConfig:
     # extraction/refinement actor takes a fractional GPU share and every train worker takes
     # 1 - extract_gpus of its GPU, so an actor fits beside a worker on the same device.
     extract_gpus: float = 0.25    # GPU share of an extraction / refinement actor (use_gpu only)
-    extract_cpus: float = 1.0     # CPUs of an extraction actor (it decodes its own batches)
+    extract_cpus: float = 1.0     # CPUs of an extraction actor (it decodes its own batches; on CPU one torch thread per whole CPU)
     extract_batch: int = 256      # images per forward pass of an extraction actor
     decode_cpus: float = 1.0      # CPUs of each Ray Data read/decode task feeding the workers
 
