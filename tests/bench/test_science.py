@@ -46,6 +46,26 @@ def test_aggregate_against_hand_values():
     assert "unibct-vs-l2" not in agg["paired"]
 
 
+def test_plot_science_draws_every_method_and_seed(tmp_path):
+    from PIL import Image
+
+    from unibct_ray.bench.science import plot_science
+
+    reports = {m: {s: _rep(0.40, 0.60 + 0.05 * s, 0.30 + 0.1 * i + 0.02 * s) for s in range(3)}
+               for i, m in enumerate(("independent", "bct", "unibct"))}
+    result = {"scenario": "extended-class", "seeds": [0, 1, 2], "aggregate": aggregate_seeds(reports),
+              "per_seed": {m: {str(s): {f"{t}@{far}": r["verification"][t][far] for t in ("self_old", "self_new", "cross")
+                                        for far in ("1e-4", "1e-3")} for s, r in by.items()} for m, by in reports.items()}}
+    path = tmp_path / "science.png"
+    plot_science(result, path)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert img.shape == (396, 814, 3)  # (3.6 x 7.4 in) x 110 dpi
+    # the cross dots (pure #d62728) are drawn: 3 methods x 3 seeds x 2 panels
+    red = (np.abs(img - [0xD6, 0x27, 0x28]).sum(axis=2) < 30).sum()
+    assert red > 18 * 4
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
 def _science(argv: list[str]) -> str:
     """``unibct-ray bench science`` in its own process and its own local Ray: the suite's shared
     Ray session, after the other benches' placement groups and actors, twice crashed its raylet
@@ -78,6 +98,7 @@ def test_science_quick_end_to_end_and_resume(tmp_path):
     assert c["n"] == 2 and c["ci95"] is not None
     md = (out / "science.md").read_text()
     assert "| unibct |" in md and "unibct-vs-bct" in md
+    assert (out / "science.png").stat().st_size > 5_000
     # a rerun reuses every finished run and evaluation; with --chain it trains only each
     # (method, seed)'s v3 and scores the v1 -> v2 -> v3 matrices
     printed = _science([*argv, "--chain"])

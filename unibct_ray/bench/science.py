@@ -22,8 +22,8 @@ identity against that seed's new model (v2), and the v1 -> v2 -> v3 compatibilit
 Everything reuses the demo's machinery (:mod:`unibct_ray.demo`): the configs in
 ``jobs/configs/synthetic``, cached data, finished runs reused and interrupted ones resumed
 (rerun the same command after an interruption), the grouped fit, one feature pass for all
-checkpoints. Output: ``DIR/science.json``, ``DIR/science.md`` and, with a sweep,
-``DIR/tradeoff.png``.
+checkpoints. Output: ``DIR/science.json``, ``DIR/science.md``, ``DIR/science.png`` (per method
+the three tests at 1e-4 and 1e-3, each seed a dot) and, with a sweep, ``DIR/tradeoff.png``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["SciencePlan", "science_plan", "paired_t", "aggregate_seeds", "run_science", "add_arguments", "run",
+__all__ = ["SciencePlan", "science_plan", "paired_t", "aggregate_seeds", "plot_science", "run_science", "add_arguments", "run",
            "DESCRIPTION", "FARS"]
 
 DESCRIPTION = __doc__
@@ -281,6 +281,40 @@ def _plot_tradeoff(tradeoff: dict[str, list[dict]], path: Path) -> None:
     tmp.replace(path)
 
 
+def plot_science(result: dict[str, Any], path: Path, fars: Sequence[str] = ("1e-4", "1e-3")) -> None:
+    """``science.png``: per method, self_old, self_new and cross TAR at each of ``fars`` (a
+    panel each): every seed as a dot, the mean as a bar with +- 1 sd. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = list(result["per_seed"])
+    fig = Figure(figsize=(3.4 * len(fars) + 0.6, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(fars), sharey=True, squeeze=False)[0]
+    colors = {"self_old": "#7f7f7f", "self_new": "#1f77b4", "cross": "#d62728"}
+    width = 0.26
+    for ax, far in zip(axes, fars):
+        for i, m in enumerate(methods):
+            per = result["per_seed"][m]
+            for j, t in enumerate(TESTS):
+                vals = [per[s][f"{t}@{far}"] for s in per]
+                x = i + (j - 1) * width
+                agg = result["aggregate"]["methods"][m][f"{t}@{far}"]
+                ax.bar(x, agg["mean"], width * 0.9, yerr=agg["sd"], color=colors[t], alpha=0.35, capsize=2,
+                       label=t if i == 0 else None)
+                ax.plot([x] * len(vals), vals, "o", ms=2.5, color=colors[t])
+        ax.set_xticks(range(len(methods)), methods, fontsize=8)
+        ax.set_title(f"TAR @ FAR={far}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel(f"TAR (dots: {len(result['seeds'])} seeds; bars: mean +- sd)", fontsize=8)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"science run, {result['scenario']}: cross = old gallery vs new probe", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+
+
 def _eval(synth: Path, out: Path, old: Path, new: Path, seed: int, cache: Path) -> dict:
     """Evaluate one new model against the old one; a report newer than the checkpoint is reused."""
     from unibct_ray.distributed.evaluate import EvalArgs, run_eval
@@ -416,6 +450,7 @@ def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = Fa
     md = science_markdown(result)
     atomic_write_text(out / "science.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "science.md", "\n".join(md) + "\n")
+    plot_science(result, out / "science.png")
     if tradeoff:
         _plot_tradeoff(tradeoff, out / "tradeoff.png")
     print("\n".join(md), file=sys.stderr, flush=True)
