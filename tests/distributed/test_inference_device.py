@@ -217,3 +217,15 @@ def test_faiss_shards_on_gpu_shares_equal_brute_force(ray_session):
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(s, ref_s, atol=1e-3)
     assert len(knn.devices) == 2 and "GPU each" in knn.description
+
+
+def test_bench_extract_with_one_2_cpu_actor_gives_the_plain_loops_features(ray_session, tmp_path):
+    # The actor path with one actor holding 2 CPUs (two torch threads in the actor) embeds every
+    # row, and its features equal the plain one-process loop's (an independent reading of the
+    # same Parquet files) by record index.
+    from unibct_ray.bench.extract import bench_extract
+
+    res = bench_extract(tmp_path, images=24, small_images=0, size=32, backbone="tiny", embedding_size=16,
+                        batch=8, actors=1, cores=2, rows_per_shard=10, distinct=12, rounds=1, actor_cpus=2.0)
+    assert res["actor_cpus"] == 2.0 and res["actors"] == 1
+    assert res["same_features"], res["max_abs_diff"]
