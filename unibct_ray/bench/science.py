@@ -293,6 +293,7 @@ def plot_science(result: dict[str, Any], path: Path, fars: Sequence[str] = ("1e-
     axes = fig.subplots(1, len(fars), sharey=True, squeeze=False)[0]
     colors = {"self_old": "#7f7f7f", "self_new": "#1f77b4", "cross": "#d62728"}
     width = 0.26
+    top = 0.0
     for ax, far in zip(axes, fars):
         for i, m in enumerate(methods):
             per = result["per_seed"][m]
@@ -303,11 +304,13 @@ def plot_science(result: dict[str, Any], path: Path, fars: Sequence[str] = ("1e-
                 ax.bar(x, agg["mean"], width * 0.9, yerr=agg["sd"], color=colors[t], alpha=0.35, capsize=2,
                        label=t if i == 0 else None)
                 ax.plot([x] * len(vals), vals, "o", ms=2.5, color=colors[t])
+                top = max(top, agg["mean"] + agg["sd"], *vals)
         ax.set_xticks(range(len(methods)), methods, fontsize=8)
         ax.set_title(f"TAR @ FAR={far}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"TAR (dots: {len(result['seeds'])} seeds; bars: mean +- sd)", fontsize=8)
-    axes[0].legend(fontsize=7, loc="lower left")
+    axes[0].set_ylim(0.0, 1.25 * top if top > 0 else 1.0)  # room above the bars for the legend
+    axes[0].legend(fontsize=7, loc="upper center", ncol=3)
     fig.suptitle(f"science run, {result['scenario']}: cross = old gallery vs new probe", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -325,8 +328,11 @@ def _eval(synth: Path, out: Path, old: Path, new: Path, seed: int, cache: Path) 
             return json.loads(report.read_text())
         except ValueError:
             pass  # a torn report: evaluate again
+    # A stale or torn report goes first: ``overwrite`` would also discard the cached features
+    # that the pass before this one computed for every checkpoint, and embed them again.
+    report.unlink(missing_ok=True)
     return run_eval(EvalArgs(ijbc=synth, out=out, old_checkpoint=old, new_checkpoint=new, criterion_far=1e-4,
-                             bootstrap=0, seed=seed, cache_dir=cache, overwrite=True))
+                             bootstrap=0, seed=seed, cache_dir=cache))
 
 
 def run_science(out: Path, *, scenario: str = "extended-class", quick: bool = False,
