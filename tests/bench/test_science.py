@@ -99,6 +99,12 @@ def test_science_quick_end_to_end_and_resume(tmp_path):
     md = (out / "science.md").read_text()
     assert "| unibct |" in md and "unibct-vs-bct" in md
     assert (out / "science.png").stat().st_size > 5_000
+    # The evaluations read the features the one pass before them cached: no feature file is
+    # written again after the first report (they used to be re-embedded per evaluation).
+    feats = [p.stat().st_mtime for p in (out / "cache" / "ijbc-features").glob("features-*.npy")]
+    reports = [p.stat().st_mtime for p in (out / "extended-class" / "quick" / "eval").glob("*/*/report.json")]
+    assert len(feats) == 1 + 2 * 2 + 2 and len(reports) == 2 * 2 + 2
+    assert max(feats) <= min(reports)
     # a rerun reuses every finished run and evaluation; with --chain it trains only each
     # (method, seed)'s v3 and scores the v1 -> v2 -> v3 matrices
     printed = _science([*argv, "--chain"])
