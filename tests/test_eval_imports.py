@@ -81,3 +81,38 @@ def test_feature_file_check_names_a_bad_row_past_the_first_block(tmp_path: Path)
     np.save(tmp_path / "bad.npy", feats)
     with pytest.raises(DataFormatError, match=r"bad\.npy: new features row 17345 holds NaN/inf"):
         load_feature_file(tmp_path / "bad.npy", 20_000, "new features")
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from unibct_ray.cli import _reuse_freed_memory, _small_pages
+_small_pages()  # as eval does: 4 KiB pages, so a fault is a page
+if sys.argv[1] == "tuned":
+    _reuse_freed_memory()
+def faults_of_a_fresh_256mb_array():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(1 << 25)  # 256 MB, every page written
+    n = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del a
+    return n
+first = faults_of_a_fresh_256mb_array()
+print(first, faults_of_a_fresh_256mb_array())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_eval_process_reuses_freed_blocks_instead_of_faulting_them_in_again() -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("NUMPY_MADVISE_HUGEPAGE", None)
+    got = {}
+    for mode in ("plain", "tuned"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True,
+                             env=env, timeout=120, check=True).stdout.split()
+        got[mode] = [int(x) for x in out]
+    pages = (1 << 28) // 4096
+    # glibc's default unmaps the freed 256 MB and the next array faults every page in again;
+    # kept in the heap, the second array reuses the first one's pages.
+    assert got["plain"][1] > pages // 8, got
+    assert got["tuned"][0] > pages // 8 and got["tuned"][1] < pages // 100, got

@@ -21,7 +21,9 @@ def assert_same_meta(a: ijbc.IJBCMeta, b: ijbc.IJBCMeta) -> None:
     assert a.image_names == b.image_names
     for k in META_ARRAYS:
         x, y = getattr(a, k), getattr(b, k)
-        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), k
+        # pairs read from the cache are int32 (parsed: int64); every other dtype is the same
+        same_type = x.dtype == y.dtype or (k == "pairs" and x.dtype.kind == y.dtype.kind == "i")
+        assert same_type and x.shape == y.shape and np.array_equal(x, y), k
     for g in ("gallery1", "gallery2", "probes"):
         for k in ("templates", "subjects"):
             x, y = getattr(getattr(a, g), k), getattr(getattr(b, g), k)
@@ -203,6 +205,49 @@ def test_corrupt_cache_is_rebuilt_not_trusted(folder, tmp_path, monkeypatch, dam
     assert len(calls) == 1, "the rebuilt cache is used"
     monkeypatch.undo()
     assert_same_meta(got, strict(root, monkeypatch))
+
+
+def test_cached_pairs_are_int32_and_read_only(folder, tmp_path):
+    root = _copy(folder[0], tmp_path)
+    cache = tmp_path / "cache"
+    parsed = ijbc.read_ijbc_meta(root, cache_dir=cache)
+    cached = ijbc.read_ijbc_meta(root, cache_dir=cache)
+    assert parsed.pairs.dtype == np.int64 and cached.pairs.dtype == np.int32
+    np.testing.assert_array_equal(cached.pairs, parsed.pairs)
+    with pytest.raises(ValueError, match="read-only"):
+        cached.pairs[0, 0] = 1  # the arrays lie on a read-only map of the cache file
+
+
+def test_mapped_npz_reads_what_np_load_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f32": rng.standard_normal((7, 5, 2)).astype(np.float32),
+        "fortran": np.asfortranarray(rng.integers(0, 9, (4, 3))),
+        "empty": np.zeros((0, 2), np.int32),
+        "scalar": np.array(3.5),
+        "bytes": np.frombuffer("a\nb\u00e9".encode(), np.uint8),
+        "i8": np.array([-1, 0, 1], np.int8),
+    }
+    path = tmp_path / "x.npz"
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    got = ijbc._mapped_npz(path)
+    with np.load(path) as z:
+        assert sorted(got) == sorted(z.files)
+        for k in z.files:
+            assert got[k].dtype == z[k].dtype and got[k].shape == z[k].shape, k
+            np.testing.assert_array_equal(got[k], z[k])
+
+
+def test_mapped_npz_refuses_compressed_and_object_members(tmp_path):
+    comp = tmp_path / "c.npz"
+    np.savez_compressed(comp, a=np.arange(10))
+    with pytest.raises(ValueError, match="stored"):
+        ijbc._mapped_npz(comp)
+    obj = tmp_path / "o.npz"
+    np.savez(obj, a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError, match="object"):
+        ijbc._mapped_npz(obj)
 
 
 def test_cache_never_unpickles(folder, tmp_path, monkeypatch):

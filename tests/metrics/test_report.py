@@ -104,6 +104,28 @@ def test_nan_is_null_with_note(tmp_path):
         build_report({"selfold": {}}, {})
 
 
+def test_plot_process_draws_the_same_pngs_and_a_dead_one_is_replaced(evaluated, tmp_path):
+    from unibct_ray.metrics import report as rep_mod
+
+    report, curves = evaluated
+    here = write_report(report, tmp_path / "here", curves.roc, curves.cmc)
+    rep_mod.start_plot_process()
+    try:
+        child_pid = rep_mod._PLOTTER.proc.pid
+        there = write_report(report, tmp_path / "there", curves.roc, curves.cmc)
+        assert rep_mod._PLOTTER is not None and rep_mod._PLOTTER.proc.pid == child_pid  # it drew them
+        for name in ("roc", "cmc"):
+            assert there[name].read_bytes() == here[name].read_bytes(), name
+        rep_mod._PLOTTER.proc.kill()
+        rep_mod._PLOTTER.proc.join()
+        again = write_report(report, tmp_path / "again", curves.roc, curves.cmc)
+        assert rep_mod._PLOTTER is None  # given up on; drawn in this process
+        for name in ("roc", "cmc"):
+            assert again[name].read_bytes() == here[name].read_bytes(), name
+    finally:
+        rep_mod.stop_plot_process()
+
+
 def test_backends_and_paths_agree(data, evaluated):
     meta, old, new = data
     ref = evaluated[0]

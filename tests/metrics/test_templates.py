@@ -141,3 +141,12 @@ def test_template_rows_lookup_and_error():
             template_rows(table, np.array([5, 6, 7]), "pairs[:, 1]")
     with pytest.raises(ValueError, match="template -3"):
         template_rows(ids, np.array([-3]))
+    # int32 ids (the meta cache's pairs) resolve as they are, to the same rows and errors
+    wanted = np.array([[19, 5], [90001, 7]])
+    for table in (ids, big[:2]):
+        w = wanted if table is ids else np.array([[7, 5]])
+        np.testing.assert_array_equal(template_rows(table, w.astype(np.int32)), template_rows(table, w))
+    with pytest.raises(ValueError, match="template -3"):
+        template_rows(ids, np.array([5, -3], np.int32))
+    with pytest.raises(ValueError, match="template 6 "):
+        template_rows(big, np.array([5, 6], np.int32))

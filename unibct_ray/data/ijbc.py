@@ -20,9 +20,11 @@ numpy parser (``np.fromstring`` plus a byte-level field count per line), which e
 the file the same way or locates the error with its file and line.
 
 ``read_ijbc_meta(..., cache_dir=D)`` also keeps the parsed, validated meta in ``D`` as an
-uncompressed ``.npz`` (plain arrays, loaded with ``allow_pickle=False``), keyed by each meta
-file's size, mtime and a hash of its first MB, so evaluating the same folder again does not
-parse 15.7M lines again. A cache file that does not load or does not fit is rebuilt.
+uncompressed ``.npz`` (plain arrays, no pickles), keyed by each meta file's size, mtime and a
+hash of its first MB, so evaluating the same folder again does not parse 15.7M lines again.
+A hit maps the file and reads its arrays in place (read-only, each checked against its zip
+CRC-32): 0.1 s for the real benchmark's 175 MB instead of ~0.45 s copying and widening them.
+A cache file that does not load or does not fit is rebuilt.
 
 Every format problem raises :class:`~unibct_ray.errors.DataFormatError` whose message names
 the file, the 1-based line number where there is one, and what is wrong. Blank lines are
@@ -38,11 +40,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import mmap
 import os
 import re
+import struct
 import uuid
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +129,8 @@ class IJBCMeta:
         medias: int64 [n_img] media id of each image.
         landmarks: float32 [n_img, 5, 2] five points (x, y) in the loose crop.
         scores: float32 [n_img] detector score.
-        pairs: int64 [n_pairs, 2] template id pairs.
+        pairs: int [n_pairs, 2] template id pairs (int64 when parsed; int32 where the ids
+            fit, read-only, when read from the cache).
         pair_labels: int8 [n_pairs], 1 genuine, 0 impostor.
         gallery1, gallery2, probes: unique templates and subjects of the 1:N lists; empty
             when read with ``with_1n=False`` (see :attr:`has_1n`).
@@ -819,7 +825,7 @@ def read_ijbc_meta_cached(
 
 _HEAD_BYTES = 1 << 20
 #: Format version of the cache file; part of its key, so a new layout never reads an old file.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def _meta_key(meta: Path, files: list[str]) -> str | None:
@@ -848,7 +854,7 @@ def _save_meta_cache(path: Path, meta: IJBCMeta) -> None:
     """Write ``meta`` as an uncompressed npz (temp file + rename; names as one UTF-8 blob)."""
     pairs = meta.pairs
     if pairs.size and -(1 << 31) <= pairs.min() and pairs.max() < (1 << 31):
-        pairs = pairs.astype(np.int32)  # halves the largest array; widened again on load
+        pairs = pairs.astype(np.int32)  # halves the largest array (and stays int32 on load)
     arrays = {
         "names": np.frombuffer("\n".join(meta.image_names).encode("utf-8"), dtype=np.uint8),
         "templates": meta.templates, "medias": meta.medias, "landmarks": meta.landmarks,
@@ -867,19 +873,53 @@ def _save_meta_cache(path: Path, meta: IJBCMeta) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _mapped_npz(path: Path) -> dict[str, np.ndarray]:
+    """Each member of an uncompressed ``.npz`` as a read-only array on one map of the file.
+
+    Every member's bytes are checked against the CRC-32 in the zip directory before use, and
+    object arrays are refused (nothing is unpickled). Raises ValueError (or OSError,
+    zipfile.BadZipFile) for anything else than a whole, plain, stored npz.
+    """
+    with open(path, "rb") as f:
+        with zipfile.ZipFile(f) as zf:
+            infos = zf.infolist()
+        buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    out: dict[str, np.ndarray] = {}
+    for zi in infos:
+        if zi.compress_type != zipfile.ZIP_STORED or not zi.filename.endswith(".npy"):
+            raise ValueError(f"{zi.filename}: not a stored .npy member")
+        local = bytes(buf[zi.header_offset : zi.header_offset + 30])
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{zi.filename}: no local header")
+        n_name, n_extra = struct.unpack("<HH", local[26:30])
+        start = zi.header_offset + 30 + n_name + n_extra
+        data = buf[start : start + zi.file_size]
+        if len(data) != zi.file_size or zlib.crc32(data) != zi.CRC:
+            raise ValueError(f"{zi.filename}: CRC-32 mismatch")
+        head = io.BytesIO(bytes(data[: min(len(data), 1 << 16)]))
+        version = np.lib.format.read_magic(head)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(head)
+        if dtype.hasobject:
+            raise ValueError(f"{zi.filename}: object array")
+        count = int(np.prod(shape, dtype=np.int64))
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
+        out[zi.filename[: -len(".npy")]] = arr.reshape(shape, order="F" if fortran else "C")
+    return out
+
+
 def _load_meta_cache(path: Path, ijbc: Path, with_1n: bool) -> IJBCMeta | None:
     """The cached meta, or None when there is none or it does not load whole and consistent.
 
-    A damaged file is caught by the zip members' CRC-32 (checked as each array is read) and
+    A damaged file is caught by the zip members' CRC-32 (checked before any array is used) and
     by the shape/dtype checks below; it is then rebuilt, never trusted.
     """
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if sorted(z.files) != sorted(_CACHE_ARRAYS):
-                return None
-            a = {k: z[k] for k in _CACHE_ARRAYS}
+        a = _mapped_npz(path)
+        if sorted(a) != sorted(_CACHE_ARRAYS):
+            return None
         names = a["names"].tobytes().decode("utf-8").split("\n") if a["names"].size else []
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError):
         return None
@@ -906,7 +946,7 @@ def _load_meta_cache(path: Path, ijbc: Path, with_1n: bool) -> IJBCMeta | None:
         templates=a["templates"].astype(np.int64, copy=False),
         medias=a["medias"].astype(np.int64, copy=False),
         landmarks=a["landmarks"], scores=a["scores"],
-        pairs=a["pairs"].astype(np.int64, copy=False), pair_labels=a["pair_labels"],
+        pairs=a["pairs"], pair_labels=a["pair_labels"],
         gallery1=ts("g1"), gallery2=ts("g2"), probes=ts("p"),
     )
 

@@ -282,7 +282,7 @@ def evaluate_features(
     secs["resolve"] = time.perf_counter() - t2
 
     # The shared grid, rows ordered [G1 | G2 | other enrolment templates]: each gallery's 1:N
-    # scores are then a row slice (a view) of it, and the 1:1 pairs index it through a_grid.
+    # scores are then a row slice (a view) of it, and the 1:1 pairs read it at flat offsets.
     grid_parts: list[tuple[int, int]] = []
     grid_rows = a_grid = None
     if grid_ok and pidx is not None:
@@ -298,7 +298,10 @@ def evaluate_features(
             # Every enrolment row occurs in grid_rows, so the unique rows are enrol_rows and
             # first[i] is the grid row of enrol_rows[i] (a template in both galleries: G1's).
             _, first = np.unique(grid_rows, return_index=True)
-            a_grid = first[pidx.a]
+            # Each pair's offset in the flattened grid, once for the three tests: a 1-D take
+            # reads the 15.7M scores in about half the time of a 2-D fancy index.
+            cell_t = np.int32 if grid_rows.size * pidx.verif_rows.size < (1 << 31) else np.int64
+            a_grid = first.astype(cell_t)[pidx.a] * cell_t(pidx.verif_rows.size) + pidx.b.astype(cell_t)
     p_pos = np.searchsorted(pidx.verif_rows, probe_rows) if grid_ok and pidx is not None else None
 
     id_keys = metric_keys(ks, fpirs)
@@ -315,7 +318,7 @@ def evaluate_features(
         fe, fv = pooled[e_name], pooled[v_name]
         if grid_ok and pidx is not None:
             grid = fe[grid_rows] @ fv[pidx.verif_rows].T  # [rows, u2] float32
-            scores = grid[a_grid, pidx.b]
+            scores = grid.ravel().take(a_grid)
             sub = [grid[a:b] for a, b in grid_parts]  # views, [g, u2]
             if p_pos.size != pidx.verif_rows.size:  # (sorted, so all probes means p_pos = arange)
                 sub = [x[:, p_pos] for x in sub]

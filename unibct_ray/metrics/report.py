@@ -34,7 +34,7 @@ from unibct_ray.metrics.bootstrap import BootstrapResult
 from unibct_ray.metrics.identification import FPIRS, KS, metric_keys
 from unibct_ray.metrics.verification import FARS, RocCurve, rate_key
 
-__all__ = ["TESTS", "build_report", "write_report", "report_markdown"]
+__all__ = ["TESTS", "build_report", "write_report", "report_markdown", "start_plot_process", "stop_plot_process"]
 
 #: Test names in report order.
 TESTS: tuple[str, ...] = ("self_old", "self_new", "cross")
@@ -264,6 +264,141 @@ def _png(draw: Any) -> bytes:
     return buf.getvalue()
 
 
+Curves = dict[str, tuple[np.ndarray, np.ndarray]]  # test -> (x, y), already thinned for drawing
+
+
+def _roc_png(curves: Curves, far: float) -> bytes:
+    def draw(ax: Any) -> None:
+        for test, (fpr, tpr) in curves.items():
+            ax.plot(fpr, tpr, label=test, drawstyle="steps-post")
+        ax.axvline(far, color="grey", lw=0.8, ls="--", label=f"FAR={rate_key(far)}")
+        ax.set_xscale("log")
+        # No minor log ticks: building and laying out ~50 of them (grid lines, empty labels)
+        # was most of the figure's drawing time; a major tick per decade reads as well.
+        from matplotlib.ticker import LogLocator, NullLocator
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(1e-6, 1.0)
+        ax.set_ylim(0.0, 1.0)
+        ax.set_xlabel("FAR")
+        ax.set_ylabel("TAR")
+        ax.set_title("IJB-C 1:1 verification ROC")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right")
+
+    return _png(draw)
+
+
+def _cmc_png(curves: Curves) -> bytes:
+    def draw(ax: Any) -> None:
+        for test, (ranks, c) in curves.items():
+            ax.plot(ranks, c, marker="." if c.size <= 50 else None, label=test)
+        ax.set_xlabel("rank")
+        ax.set_ylabel("identification rate")
+        ax.set_title("IJB-C 1:N CMC (G1 + G2)")
+        ax.grid(True, alpha=0.3)
+        if curves:
+            ax.legend(loc="lower right")
+
+    return _png(draw)
+
+
+_DRAW = {"roc": _roc_png, "cmc": _cmc_png}
+
+
+# --------------------------------------------------------------------------- plot process
+
+
+class _PlotProcess:
+    """A child process that imports matplotlib at once and then draws on request."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        # spawn: a fresh interpreter (no fork of a process holding BLAS and Ray threads).
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_plot_serve, args=(child,), daemon=True, name="unibct-ray-plots")
+        self.proc.start()
+        child.close()
+
+    def draw(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[bytes] | None:
+        """PNG bytes of each ``(kind, args)`` job, or None when the process failed (draw here)."""
+        try:
+            for job in jobs:
+                self.conn.send(job)
+            out = []
+            for _ in jobs:
+                if not self.conn.poll(_PLOT_TIMEOUT_S):
+                    return None
+                ok, value = self.conn.recv()
+                if not ok:
+                    return None
+                out.append(value)
+            return out
+        except (OSError, EOFError, ValueError):
+            return None
+
+    def close(self) -> None:
+        self.conn.close()  # the child reads EOF and exits
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def _plot_serve(conn: Any) -> None:
+    """Child: import matplotlib, draw an empty figure (fonts, text layout), then serve jobs."""
+    _cmc_png({})
+    while True:
+        try:
+            kind, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send((True, _DRAW[kind](*args)))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which draws itself
+            conn.send((False, repr(e)))
+
+
+# A plot that takes longer than this in the child is drawn in the calling process instead.
+_PLOT_TIMEOUT_S = 60.0
+_PLOTTER: _PlotProcess | None = None
+
+
+def start_plot_process() -> None:
+    """Start a process that imports matplotlib now and draws the next reports' plots.
+
+    matplotlib's import and first figure cost ~0.6 s of a process's time. A command that
+    evaluates first and writes its report last (``unibct-ray eval``) calls this at its start,
+    so that cost runs beside the evaluation instead of after it. :func:`write_report` uses the
+    process while it works and draws in its own process otherwise (the figures are the same).
+    """
+    global _PLOTTER
+    if _PLOTTER is None:
+        try:
+            _PLOTTER = _PlotProcess()
+        except OSError:
+            _PLOTTER = None
+
+
+def stop_plot_process() -> None:
+    """Stop the process :func:`start_plot_process` started (a no-op when there is none)."""
+    global _PLOTTER
+    if _PLOTTER is not None:
+        _PLOTTER.close()
+        _PLOTTER = None
+
+
+def _draw_pngs(jobs: list[tuple[str, tuple[Any, ...]]]) -> list[bytes]:
+    if _PLOTTER is not None:
+        got = _PLOTTER.draw(jobs)
+        if got is not None:
+            return got
+        stop_plot_process()
+    return [_DRAW[kind](*args) for kind, args in jobs]
+
+
 def write_report(
     report: Mapping[str, Any],
     out_dir: str | os.PathLike[str],
@@ -282,50 +417,24 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     far = float(report["difference"]["far"])
-
-    def draw_roc(ax: Any) -> None:
-        for test in TESTS:
-            if test in roc_curves:
-                fpr, tpr = _thin_roc(roc_curves[test])
-                ax.plot(fpr, tpr, label=test, drawstyle="steps-post")
-        ax.axvline(far, color="grey", lw=0.8, ls="--", label=f"FAR={rate_key(far)}")
-        ax.set_xscale("log")
-        # No minor log ticks: building and laying out ~50 of them (grid lines, empty labels)
-        # was most of the figure's drawing time; a major tick per decade reads as well.
-        from matplotlib.ticker import LogLocator, NullLocator
-
-        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlim(1e-6, 1.0)
-        ax.set_ylim(0.0, 1.0)
-        ax.set_xlabel("FAR")
-        ax.set_ylabel("TAR")
-        ax.set_title("IJB-C 1:1 verification ROC")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right")
-
-    def draw_cmc(ax: Any) -> None:
-        for test in TESTS:
-            if test in cmc_curves:
-                c = np.asarray(cmc_curves[test], np.float64)
-                ranks = np.arange(1, c.size + 1)
-                if c.size > _PLOT_POINTS:  # drawing only; the ranks the report quotes stay exact
-                    keep = np.unique(np.geomspace(1, c.size, _PLOT_POINTS).astype(np.int64)) - 1
-                    ranks, c = ranks[keep], c[keep]
-                ax.plot(ranks, c, marker="." if c.size <= 50 else None, label=test)
-        ax.set_xlabel("rank")
-        ax.set_ylabel("identification rate")
-        ax.set_title("IJB-C 1:N CMC (G1 + G2)")
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right")
+    roc = {test: _thin_roc(roc_curves[test]) for test in TESTS if test in roc_curves}
+    cmc: Curves = {}
+    for test in TESTS:
+        if test in cmc_curves:
+            c = np.asarray(cmc_curves[test], np.float64)
+            ranks = np.arange(1, c.size + 1)
+            if c.size > _PLOT_POINTS:  # drawing only; the ranks the report quotes stay exact
+                keep = np.unique(np.geomspace(1, c.size, _PLOT_POINTS).astype(np.int64)) - 1
+                ranks, c = ranks[keep], c[keep]
+            cmc[test] = (ranks, c)
 
     paths = {"json": out / "report.json", "md": out / "report.md",
              "roc": out / "roc.png", "cmc": out / "cmc.png"}
     # report.json last: its presence means the whole report is there (eval refuses to replace
     # it without --overwrite).
     _atomic_write(paths["md"], report_markdown(report).encode())
-    _atomic_write(paths["roc"], _png(draw_roc))
-    _atomic_write(paths["cmc"], _png(draw_cmc))
+    roc_png, cmc_png = _draw_pngs([("roc", (roc, far)), ("cmc", (cmc,))])
+    _atomic_write(paths["roc"], roc_png)
+    _atomic_write(paths["cmc"], cmc_png)
     _atomic_write(paths["json"], (json.dumps(_clean(report), indent=2, allow_nan=False) + "\n").encode())
     return paths

@@ -172,7 +172,9 @@ def template_rows(
         ValueError: a wanted template has no images; the message names the first one.
     """
     ids = np.asarray(template_ids, np.int64)
-    w = np.asarray(wanted, np.int64)
+    w = np.asarray(wanted)
+    if w.dtype.kind != "i" or w.dtype.itemsize < 4:  # int32 (the meta cache's pairs) stays int32
+        w = w.astype(np.int64)
     if ids.size == 0:
         if w.size:
             raise ValueError(f"{what}: template {int(w.flat[0])} has no images (no templates)")
