@@ -225,7 +225,7 @@ def test_every_rayjob_passes_the_plan_of_its_cluster():
             nodes = kuberay_nodes(d["spec"]["rayClusterSpec"])
             for cmd in d["spec"]["entrypoint"].split("&&"):
                 got = job_plan_input(cmd.strip())
-                if got is None:  # evaluate: its extraction actors (1 CPU each) and a read task fit
+                if got is None:  # evaluate: its IJB-C extraction actors (1 CPU each) and a read task fit
                     args = shlex.split(cmd)
                     actors = int(args[args.index("--num-workers") + 1])
                     assert actors + 1 <= sum(n["CPU"] for n in nodes), (f.name, cmd)

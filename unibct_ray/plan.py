@@ -8,10 +8,11 @@ line naming the shortfall and the config keys that fix it.
 
 Every request comes from :mod:`unibct_ray.resources`, the functions the run itself uses:
 
-* ``old features``   extraction actors + one read/write task (before training; l2/bct/unibct)
+* ``old features``   the extraction actors, which read and write their pieces themselves
+                     (before training; l2/bct/unibct)
 * ``training``       the train workers (one placement group, PACK, as Ray Train's
                      ``ScalingConfig`` default) + at least one Ray Data decode task beside them
-* ``refine: extract`` at a UniBCT refinement epoch: the extraction actors + one read task;
+* ``refine: extract`` at a UniBCT refinement epoch: the extraction actors;
                      inside a running loop (``train_group``) beside the held workers
 * ``refine: solve``   the refinement actors (one SPREAD placement group, all or nothing)
 
@@ -465,13 +466,13 @@ _SUBJECT = {"old features": "the old-feature extraction", "training": "the train
             "refine: solve": "the prototype refinement", "refine: extract (in loop)": "the refinement's feature "
             "extraction inside the loop", "refine: solve (in loop)": "the prototype refinement inside the loop"}
 _SHORT = {"train worker": "workers", "decode task": "decode tasks", "extraction actor": "extraction actors",
-          "refinement actor": "refinement actors", "read task": "read tasks", "trial driver": "trial drivers"}
+          "refinement actor": "refinement actors", "trial driver": "trial drivers"}
 
 
 def in_loop_extract_cpus(cfg: "TrainConfig", cluster_cpus: float, trials: int = 1) -> float:
-    """CPUs of each extraction actor (and read task) of a refinement inside a running loop: what
-    the held workers leave, less one CPU, shared by the actors, at most ``extract_cpus``, at least
-    0.2 in all. ``unibct_ray.distributed.train._live_prototypes`` asks for exactly this."""
+    """CPUs of each extraction actor of a refinement inside a running loop: what the held workers
+    leave, less one CPU (the training data's decode tasks still in flight), shared by the actors,
+    at most ``extract_cpus``, at least 0.2 in all. ``unibct_ray.distributed.train._live_prototypes`` asks for exactly this."""
     free = cluster_cpus - trials * cfg.num_workers * cfg.cpus_per_worker
     return min(cfg.extract_cpus, max(free - 1.0, 0.2) / cfg.extract_actors)
 
@@ -530,7 +531,6 @@ def _phases(cfg: "TrainConfig", shapes: Sequence[NodeShape], *, trials: int, in_
         "extraction actor": "lower extract_actors or extract_cpus" + (" or extract_gpus" if cfg.use_gpu else "")
                             + ", or add CPUs",
         "refinement actor": "lower refine_actors" + (" or extract_gpus" if cfg.use_gpu else "") + ", or add CPUs",
-        "read task": "lower extract_actors or extract_cpus, or add CPUs",
         "trial driver": "lower max_concurrent",
     }
     # Other trials keep training while one trial extracts or refines.
@@ -544,8 +544,7 @@ def _phases(cfg: "TrainConfig", shapes: Sequence[NodeShape], *, trials: int, in_
     if cfg.compat.method != "independent":
         phases.append(_phase("old features", shapes, [
             _Ask("extraction actor", cfg.extract_actors, extract_actor_resources(cfg), "ANY", mem_old.host,
-                 mem_old.device),
-            _Ask("read task", 1, decode)], fix))
+                 mem_old.device)], fix))
     train_asks = list(drivers)
     for _ in range(trials):
         train_asks += [_Ask("train worker", cfg.num_workers, worker, "PACK", mem_w.host, mem_w.device)]
@@ -561,16 +560,14 @@ def _phases(cfg: "TrainConfig", shapes: Sequence[NodeShape], *, trials: int, in_
             phases.append(_phase("refine: extract (in loop)", shapes, [
                 *held,
                 _Ask("extraction actor", cfg.extract_actors, extract_actor_resources(cfg, cpus), "ANY",
-                     mem_x.host, mem_x.device),
-                _Ask("read task", 1, {**decode, "CPU": cpus})], fix))
+                     mem_x.host, mem_x.device)], fix))
             phases.append(_phase("refine: solve (in loop)", shapes, [
                 *held, _Ask("refinement actor", cfg.refine_actors, refine_actor_resources(cfg), "SPREAD")], fix))
         else:
             phases.append(_phase("refine: extract", shapes, [
                 *drivers, *others,
                 _Ask("extraction actor", cfg.extract_actors, extract_actor_resources(cfg), "ANY", mem_x.host,
-                     mem_x.device),
-                _Ask("read task", 1, decode)], fix))
+                     mem_x.device)], fix))
             phases.append(_phase("refine: solve", shapes, [
                 *drivers, *others, _Ask("refinement actor", cfg.refine_actors, refine_actor_resources(cfg), "SPREAD")],
                 fix))

@@ -137,9 +137,8 @@ def test_extraction_actor_with_live_weights_restarts_and_finishes(ray_worker_pro
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = tmp_path / "features"
     got, killed = kill_while_running(
-        lambda: extract_features(src, out, state_dict=state, model_spec=spec, actors=2, batch_size=16,
-                                 task_cpus=0.5),
-        ray_worker_processes, "ray::MapWorker(MapBatches(Embedder))", max_kills=1)
+        lambda: extract_features(src, out, state_dict=state, model_spec=spec, actors=2, batch_size=16),
+        ray_worker_processes, "ray::PieceEmbedder.run", max_kills=1)
     assert len(killed) == 1, "no extraction actor was caught running"
     assert got == out, got
     cols = read_columns(read_manifest(out), ["index", FEATURE_COLUMN])

@@ -84,13 +84,67 @@ def _extract(d: Path, ckpt: Path, name: str, gpus: float) -> np.ndarray:
     from unibct_ray.distributed.extract import extract_features
 
     extract_features(d / "shards", d / name, checkpoint=ckpt, actors=1, batch_size=16, gpus_per_actor=gpus,
-                     cpus_per_actor=1.0, task_cpus=0.5, overwrite=True)
+                     cpus_per_actor=1.0, overwrite=True)
     return _extracted(d / name)
 
 
 def test_extract_features_cpu_is_the_plain_forward(ray_session, inputs):
     d, ckpt = inputs
     np.testing.assert_allclose(_extract(d, ckpt, "cpu", 0.0), _reference_features(ckpt), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_pieces_cuts_files_into_about_four_pieces_per_actor():
+    from unibct_ray.distributed.extract import PIECE_ROWS, plan_pieces
+
+    # 17 rows, one actor: pieces of at most ceil(17 / 4) = 5 rows; an empty file gives none
+    got = [(p.n, p.file, p.start, p.stop) for p in plan_pieces([Path("a"), Path("b"), Path("c")], [5, 0, 12], 1)]
+    assert got == [(0, "a", 0, 5), (1, "c", 0, 4), (2, "c", 4, 8), (3, "c", 8, 12)]
+    # a large set: pieces of at most PIECE_ROWS rows however few actors there are
+    big = plan_pieces([Path("x")], [4 * PIECE_ROWS + 1], 1)
+    assert len(big) == 5 and max(p.stop - p.start for p in big) <= PIECE_ROWS
+    assert [(p.start, p.stop) for p in big][0][0] == 0 and big[-1].stop == 4 * PIECE_ROWS + 1
+    assert all(a.stop == b.start for a, b in zip(big, big[1:]))
+
+
+def test_extract_features_keeps_the_source_order_on_two_actors(ray_session, inputs, tmp_path):
+    import pyarrow.parquet as pq
+
+    from unibct_ray.distributed.extract import extract_features
+
+    d, ckpt = inputs
+    out = extract_features(d / "shards", tmp_path / "feats", checkpoint=ckpt, actors=2, batch_size=3,
+                           keep_images=True)
+    m = read_manifest(out, check_files=True)
+    assert m.rows == N and len(m.files) > 2  # several pieces, so both actors had work
+    order = np.concatenate([pq.read_table(f, columns=["index"]).column("index").to_numpy() for f in m.files])
+    np.testing.assert_array_equal(order, np.arange(N) + 500)  # the source's row order
+    images = np.concatenate([pq.read_table(f, columns=["image"]).column("image").to_numpy(zero_copy_only=False)
+                             for f in m.files])
+    assert [bytes(b) for b in images] == [_png(_pixels(i)) for i in range(N)]  # keep_images carries them
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
+    np.testing.assert_allclose(_extracted(out), _reference_features(ckpt), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_piece_embedder_with_and_without_prefetch_writes_the_same_file(inputs, tmp_path):
+    """The GPU actors' read-ahead thread, run here on the CPU: the same rows, features and order."""
+    import pyarrow.parquet as pq
+
+    from unibct_ray.distributed.extract import Piece, PieceEmbedder
+
+    d, ckpt = inputs
+    src = str(read_manifest(d / "shards").files[0])  # 16 rows in one row group
+    piece = Piece(7, src, 3, 14)
+    tables = {}
+    for prefetch in (False, True):
+        actor = PieceEmbedder(4, prefetch=prefetch, checkpoint=str(ckpt), column="feature", keep_images=False)
+        (tmp_path / str(prefetch)).mkdir()
+        assert actor.run(piece, str(tmp_path / str(prefetch))) == (7, "part-00007.parquet", 11)
+        tables[prefetch] = pq.read_table(tmp_path / str(prefetch) / "part-00007.parquet")
+    assert tables[True].equals(tables[False])
+    np.testing.assert_array_equal(tables[True].column("index").to_numpy(), np.arange(3, 14) + 500)
+    feats = np.stack(tables[True].column("feature").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(feats, _reference_features(ckpt)[3:14], rtol=1e-5, atol=1e-5)
 
 
 def _ijbc_batch(d: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:

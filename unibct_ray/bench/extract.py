@@ -4,9 +4,9 @@ Both contenders embed the same synthetic shard set with the same backbone and we
 same cores:
 
 - **actor path**: :func:`unibct_ray.distributed.extract.extract_features`, as every
-  extraction of a run calls it (Parquet read tasks -> an actor pool decoding and embedding
-  batches, one torch thread per whole CPU of ``--actor-cpus`` -> a feature shard set
-  written and renamed into place);
+  extraction of a run calls it (an actor pool; each actor reads its pieces of the Parquet
+  files, decodes the next batch while it embeds one with one torch thread per whole CPU of
+  ``--actor-cpus``, and writes a file per piece; the shard set is renamed into place);
   Ray is started by the bench; by default one one-CPU actor per core (``--actors``,
   ``--actor-cpus``).
 - **plain loop**: one process reads the same Parquet files with pyarrow, decodes with the same
@@ -16,8 +16,8 @@ same cores:
 The rounds alternate (plain, actors, plain, actors, ...) so a shared machine slows both alike.
 Each contender is timed on two set sizes (``--images`` and ``--small-images``): the whole-call
 rate is what a user waits for, and the difference between the sizes gives the per-image
-(steady) rate and the fixed cost of a call (Ray Data planning, starting the actors, writing the
-output), which a real set of millions of images amortises. The features of the two contenders
+(steady) rate and the fixed cost of a call (starting the actors with torch and the model,
+writing the manifest), which a real set of millions of images amortises. The features of the two contenders
 are compared by record index (max abs difference).
 """
 
@@ -99,8 +99,8 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
     from unibct_ray.distributed.extract import extract_features
     from unibct_ray.distributed.runtime import ensure_ray
 
-    # More logical CPUs than cores (ensure_ray's rule): the read and write tasks need a CPU of
-    # their own beside actors that hold one each. A process already connected keeps its Ray.
+    # More logical CPUs than cores (ensure_ray's rule): Ray's own tasks find a CPU beside actors
+    # that hold one each. A process already connected keeps its Ray.
     started = not ray.is_initialized()
     ensure_ray(num_cpus=max(4, 2 * cores, int(actors * actor_cpus) + 2))
     try:
@@ -119,7 +119,7 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
         def actor_path(n: int):
             def go() -> None:
                 dst = extract_features(sets[n], out / f"features-{n}", state_dict=state, model_spec=spec,
-                                       actors=actors, batch_size=batch, cpus_per_actor=actor_cpus, task_cpus=1.0,
+                                       actors=actors, batch_size=batch, cpus_per_actor=actor_cpus,
                                        overwrite=True)
                 results[f"actors-{n}"] = _by_index(*_read_features(dst))
             return go
@@ -167,8 +167,8 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
     res["goal"] = {"ratio_actors_over_plain": 0.9, "met": res["ratio_actors_over_plain"] >= 0.9}
     res["ok"] = res["same_features"]
     res["note"] = ("whole-call images/s at --images (best of the rounds); steady = per-image rate from the "
-                   "difference between the two sizes, fixed_s = the rest of a call (planning, actor start-up, "
-                   "writing); plain loop: torch.set_num_threads(cores), actors: one torch thread per whole CPU of --actor-cpus")
+                   "difference between the two sizes, fixed_s = the rest of a call (actor start-up, "
+                   "the manifest); plain loop: torch.set_num_threads(cores), actors: one torch thread per whole CPU of --actor-cpus")
     return res
 
 
@@ -188,9 +188,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs per actor (extract_cpus of a config); an actor runs one torch thread per whole CPU "
                         "it holds (--actor-cpus 2 --actors 1: one actor with the 2 cores' threads)")
     p.add_argument("--rows-per-shard", type=int, default=50_000,
-                   help="rows per Parquet file (data convert's default). Ray Data reads a file as one block and "
-                        "an actor takes a block whole; extract_features caps the block size so that a set "
-                        "of fewer files than actors still feeds every actor")
+                   help="rows per Parquet file (data convert's default). extract_features cuts files into "
+                        "pieces of about a quarter of an actor's share, so a set of fewer files than actors "
+                        "still feeds every actor")
     p.add_argument("--distinct", type=int, default=256, help="distinct images, repeated to fill the set")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best of each is reported")
 

@@ -448,7 +448,7 @@ def bench_gpu(a: argparse.Namespace, device, sizes: dict[str, Any]) -> dict[str,
                 # gpus_per_actor: each actor on a GPU share, embedding under fp16 autocast.
                 dst = extract_features(ext_dirs[n], out / f"features-{n}", checkpoint=result.checkpoint,
                                        actors=actors, batch_size=z["extract_batch"], cpus_per_actor=ray_res["CPU"],
-                                       task_cpus=1.0, overwrite=True, **({"gpus_per_actor": gpus} if gpus else {}))
+                                       overwrite=True, **({"gpus_per_actor": gpus} if gpus else {}))
                 ray_s[n] = time.perf_counter() - t
             mem_ray = max(filter(None, [mem_ray, mem.added_mib()]), default=None)
             if n == big:

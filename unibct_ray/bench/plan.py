@@ -121,7 +121,7 @@ def run(a: argparse.Namespace) -> dict:
             extract_features(str(src), a.out / "features", checkpoint=res.checkpoint, actors=1,
                              batch_size=cfg.extract_batch, overwrite=True)
             t_extract = time.perf_counter() - t0
-        worker, actor = s.peak("TrainWorker", "RayTrainWorker"), s.peak("MapWorker", "Embedder")
+        worker, actor = s.peak("TrainWorker", "RayTrainWorker"), s.peak("PieceEmbedder")
     finally:
         ray.shutdown()
 

@@ -169,7 +169,7 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
     ``weights`` (``{"state_dict", "model_spec"}``): the live weights of a running training
     loop instead of a checkpoint file. Then nothing on disk is reused: the file is rebuilt
     from these weights (a restarted loop rebuilds it from the weights it restarted with).
-    ``extract_cpus``: CPUs per extraction actor and per read/write task (None: the config's
+    ``extract_cpus``: CPUs per extraction actor (None: the config's
     ``extract_cpus``). With ``cfg.use_gpu``
     the extraction actors and the refinement actors each ask for ``cfg.extract_gpus`` of a GPU
     (``unibct_ray.resources``) and compute there.
@@ -209,7 +209,7 @@ def build_prototypes(cfg, run_dir: Path, train_dir: str, num_classes: int, check
             print(f"[{cfg.name}] epoch {epoch}: extracting new-model features ({n_act} actors, {where})", flush=True)
             extract_features(train_dir, new_dir, checkpoint=checkpoint, column=FEATURE_COLUMN,
                              actors=n_act, batch_size=cfg.extract_batch, cpus_per_actor=res["CPU"],
-                             gpus_per_actor=res.get("GPU", 0.0), task_cpus=min(res["CPU"], 1.0),
+                             gpus_per_actor=res.get("GPU", 0.0),
                              overwrite=True, sort_by_label=True, **(weights or {}))
         labels = read_columns(read_manifest(train_dir), ["label"])["label"]
         counts = np.bincount(labels, minlength=num_classes)

@@ -380,8 +380,8 @@ def _live_prototypes(cfg: TrainConfig, run: dict, backbone: torch.nn.Module, epo
                    "model_spec": {"name": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
                                   "input_size": cfg.data.image_size, "dropout": cfg.model.dropout}}
         # The training workers keep their CPUs while rank 0 waits here. The extraction actors
-        # share what is left but one CPU, which Ray Data's file-listing task needs whole, and
-        # the read/write tasks after it (on one 4-CPU node: 2 actors x 0.5 CPU + 1 CPU).
+        # share what is left but one CPU, kept for the training data's decode tasks still in
+        # flight (on one 4-CPU node: 2 actors x 0.5 CPU + 1 CPU).
         from unibct_ray.plan import in_loop_extract_cpus
 
         total = ray.cluster_resources()
