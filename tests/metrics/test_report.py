@@ -117,7 +117,7 @@ def test_plot_process_draws_the_same_pngs_and_a_dead_one_is_replaced(evaluated, 
         for name in ("roc", "cmc"):
             assert there[name].read_bytes() == here[name].read_bytes(), name
         rep_mod._PLOTTER.proc.kill()
-        rep_mod._PLOTTER.proc.join()
+        rep_mod._PLOTTER.proc.wait()
         again = write_report(report, tmp_path / "again", curves.roc, curves.cmc)
         assert rep_mod._PLOTTER is None  # given up on; drawn in this process
         for name in ("roc", "cmc"):

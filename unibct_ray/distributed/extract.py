@@ -209,7 +209,7 @@ def extract_features(
     gpus_per_actor: float = 0.0,
     overwrite: bool = False,
     sort_by_label: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Path:
     """Embed every row of ``shards`` into a new shard set at ``out`` (atomically).
 
@@ -220,7 +220,7 @@ def extract_features(
     ``gpus_per_actor``: the GPU share of each actor (``unibct_ray.resources``); > 0 embeds on
     the GPU under fp16 autocast, 0 on the CPU in float32 with one torch thread per whole CPU
     of ``cpus_per_actor``. ``batch_size``: images per forward pass (``extract_batch`` of the
-    config). ``progress``: a bar over the rows on stderr.
+    config). ``progress``: a bar over the rows on stderr (None: when stderr is a terminal).
     ``state_dict`` + ``model_spec`` (no ``checkpoint``): a live run's weights; they are written
     to a file beside ``out`` for the pass and the actors load them from there, so an actor that
     Ray restarts mid-pass rebuilds itself from a path, not from freed object-store arguments.
@@ -290,12 +290,12 @@ def extract_features(
     return Path(out)
 
 
-def _run_pieces(pool, pieces: list[Piece], out_dir: str, progress: bool) -> list[tuple[int, str, int]]:
+def _run_pieces(pool, pieces: list[Piece], out_dir: str, progress: bool | None) -> list[tuple[int, str, int]]:
     from tqdm.auto import tqdm
 
     done = []
-    with tqdm(total=sum(p.stop - p.start for p in pieces), unit="img", desc="extract", disable=not progress,
-              smoothing=0) as bar:
+    with tqdm(total=sum(p.stop - p.start for p in pieces), unit="img", desc="extract",
+              disable=None if progress is None else not progress, smoothing=0) as bar:
         for res in pool.map_unordered(lambda a, p: a.run.remote(p, out_dir), pieces):
             done.append(res)
             bar.update(res[2])

@@ -311,54 +311,97 @@ _DRAW = {"roc": _roc_png, "cmc": _cmc_png}
 
 
 class _PlotProcess:
-    """A child process that imports matplotlib at once and then draws on request."""
+    """A child interpreter that imports matplotlib at once and then draws on request.
+
+    A plain ``python -c`` subprocess talking pickles over its stdin/stdout: no fork of a
+    process holding BLAS and Ray threads, and (unlike multiprocessing's spawn) no re-import
+    of the caller's main module, which may be a user's script.
+    """
 
     def __init__(self) -> None:
-        import multiprocessing
+        import subprocess
+        import sys
 
-        # spawn: a fresh interpreter (no fork of a process holding BLAS and Ray threads).
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_plot_serve, args=(child,), daemon=True, name="unibct-ray-plots")
-        self.proc.start()
-        child.close()
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from unibct_ray.metrics.report import _plot_serve; _plot_serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
 
     def draw(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[bytes] | None:
         """PNG bytes of each ``(kind, args)`` job, or None when the process failed (draw here)."""
+        import pickle
+        import time
+
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        assert stdin is not None and stdout is not None
+        deadline = time.monotonic() + _PLOT_TIMEOUT_S
         try:
             for job in jobs:
-                self.conn.send(job)
+                pickle.dump(job, stdin)
+            stdin.flush()
             out = []
             for _ in jobs:
-                if not self.conn.poll(_PLOT_TIMEOUT_S):
-                    return None
-                ok, value = self.conn.recv()
+                size = int.from_bytes(_read_exact(stdout.fileno(), 8, deadline), "little")
+                ok, value = pickle.loads(_read_exact(stdout.fileno(), size, deadline))
                 if not ok:
                     return None
                 out.append(value)
             return out
-        except (OSError, EOFError, ValueError):
+        except (OSError, EOFError, ValueError, pickle.UnpicklingError):  # TimeoutError is an OSError
             return None
 
     def close(self) -> None:
-        self.conn.close()  # the child reads EOF and exits
-        self.proc.join(timeout=5)
-        if self.proc.is_alive():
-            self.proc.kill()
+        # The child holds nothing to save (every PNG came back through the pipe): stop it now,
+        # also when a failed command closes it while matplotlib is still loading.
+        self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:  # a broken pipe on flush
+                    pass
 
 
-def _plot_serve(conn: Any) -> None:
+def _read_exact(fd: int, n: int, deadline: float) -> bytes:
+    """``n`` bytes from the pipe ``fd`` (unbuffered, so a wait on it never misses data that a
+    buffered reader already holds); TimeoutError past ``deadline``, EOFError when it closes."""
+    import select
+    import time
+
+    chunks, got = [], 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError("plot process")
+        b = os.read(fd, n - got)
+        if not b:
+            raise EOFError("plot process")
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+def _plot_serve() -> None:
     """Child: import matplotlib, draw an empty figure (fonts, text layout), then serve jobs."""
+    import pickle
+    import sys
+
     _cmc_png({})
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
-            kind, args = conn.recv()
-        except (EOFError, OSError):
+            kind, args = pickle.load(stdin)
+        except EOFError:
             return
         try:
-            conn.send((True, _DRAW[kind](*args)))
+            reply = (True, _DRAW[kind](*args))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which draws itself
-            conn.send((False, repr(e)))
+            reply = (False, repr(e))
+        data = pickle.dumps(reply)
+        stdout.write(len(data).to_bytes(8, "little") + data)  # framed: the parent reads it exactly
+        stdout.flush()
 
 
 # A plot that takes longer than this in the child is drawn in the calling process instead.
