@@ -8,7 +8,7 @@ features (what the l2 loss consumes).
 Each actor reads its pieces (row ranges of the source Parquet files) itself, embeds them and
 writes one output file per piece, named by the piece's position, so the output keeps the
 source order. No Ray Data pipeline runs beside the actors: on 2 CPUs its read and write
-tasks and streaming executor took a quarter of the cores from the model (see
+tasks and streaming executor took a fifth of the CPU time from the model (see
 ``unibct-ray bench extract``), and nothing but the actors has to be scheduled, which is what
 a GPU cluster's plan has to fit beside the training workers.
 """
