@@ -125,6 +125,22 @@ def test_extract_features_keeps_the_source_order_on_two_actors(ray_session, inpu
     np.testing.assert_allclose(_extracted(out), _reference_features(ckpt), rtol=1e-5, atol=1e-5)
 
 
+def test_extract_features_names_an_image_that_does_not_decode(ray_session, inputs, tmp_path):
+    from unibct_ray.distributed.extract import extract_features
+    from unibct_ray.errors import DataFormatError
+
+    d, ckpt = inputs
+    table = pa.table({"image": [_png(_pixels(0)), b"\x89PNG\r\n\x1a\n garbage", _png(_pixels(2))],
+                      "label": np.array([0, 0, 1], np.int64), "index": np.array([7, 8, 9], np.int64)})
+    (tmp_path / "bad").mkdir()
+    write_manifest(tmp_path / "bad", [write_shard(tmp_path / "bad" / shard_name(0), table)], rows=3, classes=2,
+                   columns=table.column_names)
+    with pytest.raises(DataFormatError, match="image with index 8 does not decode") as err:
+        extract_features(tmp_path / "bad", tmp_path / "feats", checkpoint=ckpt, actors=1, batch_size=2)
+    assert type(err.value) is DataFormatError  # the user's error, not Ray's wrapper around it
+    assert not (tmp_path / "feats").exists()  # nothing half-written
+
+
 @pytest.mark.usefixtures("torch_one_thread")
 def test_piece_embedder_with_and_without_prefetch_writes_the_same_file(inputs, tmp_path):
     """The GPU actors' read-ahead thread, run here on the CPU: the same rows, features and order."""

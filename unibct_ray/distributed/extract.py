@@ -293,12 +293,17 @@ def extract_features(
 def _run_pieces(pool, pieces: list[Piece], out_dir: str, progress: bool | None) -> list[tuple[int, str, int]]:
     from tqdm.auto import tqdm
 
+    from unibct_ray.distributed.runtime import unwrap_task_error
+
     done = []
     with tqdm(total=sum(p.stop - p.start for p in pieces), unit="img", desc="extract",
               disable=None if progress is None else not progress, smoothing=0) as bar:
-        for res in pool.map_unordered(lambda a, p: a.run.remote(p, out_dir), pieces):
-            done.append(res)
-            bar.update(res[2])
+        try:
+            for res in pool.map_unordered(lambda a, p: a.run.remote(p, out_dir), pieces):
+                done.append(res)
+                bar.update(res[2])
+        except ray.exceptions.RayTaskError as err:  # e.g. an image that does not decode, by its key
+            raise unwrap_task_error(err) from None
     return done
 
 

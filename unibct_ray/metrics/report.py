@@ -304,18 +304,16 @@ def _cmc_png(curves: Curves) -> bytes:
     return _png(draw)
 
 
-_DRAW = {"roc": _roc_png, "cmc": _cmc_png}
-
-
 # --------------------------------------------------------------------------- plot process
 
 
 class _PlotProcess:
     """A child interpreter that imports matplotlib at once and then draws on request.
 
-    A plain ``python -c`` subprocess talking pickles over its stdin/stdout: no fork of a
-    process holding BLAS and Ray threads, and (unlike multiprocessing's spawn) no re-import
-    of the caller's main module, which may be a user's script.
+    A plain ``python -c`` subprocess: no fork of a process holding BLAS and Ray threads, and
+    (unlike multiprocessing's spawn) no re-import of the caller's main module, which may be a
+    user's script. Requests are ``.npz`` bytes (loaded with ``allow_pickle=False``) and replies
+    PNG bytes, each framed by its length: nothing is unpickled on either side.
     """
 
     def __init__(self) -> None:
@@ -328,9 +326,8 @@ class _PlotProcess:
             [sys.executable, "-c", "from unibct_ray.metrics.report import _plot_serve; _plot_serve()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
 
-    def draw(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[bytes] | None:
-        """PNG bytes of each ``(kind, args)`` job, or None when the process failed (draw here)."""
-        import pickle
+    def draw(self, jobs: list[tuple[str, Curves, float]]) -> list[bytes] | None:
+        """PNG bytes of each ``(kind, curves, far)`` job, or None when the process failed (draw here)."""
         import time
 
         stdin, stdout = self.proc.stdin, self.proc.stdout
@@ -338,17 +335,18 @@ class _PlotProcess:
         deadline = time.monotonic() + _PLOT_TIMEOUT_S
         try:
             for job in jobs:
-                pickle.dump(job, stdin)
+                data = _encode_job(*job)
+                stdin.write(len(data).to_bytes(8, "little") + data)
             stdin.flush()
             out = []
             for _ in jobs:
-                size = int.from_bytes(_read_exact(stdout.fileno(), 8, deadline), "little")
-                ok, value = pickle.loads(_read_exact(stdout.fileno(), size, deadline))
-                if not ok:
+                head = _read_exact(stdout.fileno(), 9, deadline)
+                value = _read_exact(stdout.fileno(), int.from_bytes(head[1:], "little"), deadline)
+                if head[0] != 1:
                     return None
                 out.append(value)
             return out
-        except (OSError, EOFError, ValueError, pickle.UnpicklingError):  # TimeoutError is an OSError
+        except (OSError, EOFError, ValueError):  # TimeoutError is an OSError
             return None
 
     def close(self) -> None:
@@ -362,6 +360,25 @@ class _PlotProcess:
                     f.close()
                 except OSError:  # a broken pipe on flush
                     pass
+
+
+def _encode_job(kind: str, curves: Curves, far: float) -> bytes:
+    arrays = {"kind": np.frombuffer(kind.encode(), np.uint8), "far": np.array([far], np.float64),
+              "tests": np.frombuffer("\n".join(curves).encode(), np.uint8)}
+    for i, (x, y) in enumerate(curves.values()):
+        arrays[f"x{i}"], arrays[f"y{i}"] = np.asarray(x), np.asarray(y)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _run_job(data: bytes) -> bytes:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        kind = z["kind"].tobytes().decode()
+        names = z["tests"].tobytes().decode()
+        curves = {t: (z[f"x{i}"], z[f"y{i}"]) for i, t in enumerate(names.split("\n") if names else [])}
+        far = float(z["far"][0])
+    return _roc_png(curves, far) if kind == "roc" else _cmc_png(curves)
 
 
 def _read_exact(fd: int, n: int, deadline: float) -> bytes:
@@ -385,22 +402,20 @@ def _read_exact(fd: int, n: int, deadline: float) -> bytes:
 
 def _plot_serve() -> None:
     """Child: import matplotlib, draw an empty figure (fonts, text layout), then serve jobs."""
-    import pickle
     import sys
 
     _cmc_png({})
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
-        try:
-            kind, args = pickle.load(stdin)
-        except EOFError:
+        head = stdin.read(8)
+        if len(head) < 8:
             return
+        data = stdin.read(int.from_bytes(head, "little"))
         try:
-            reply = (True, _DRAW[kind](*args))
+            ok, reply = 1, _run_job(data)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which draws itself
-            reply = (False, repr(e))
-        data = pickle.dumps(reply)
-        stdout.write(len(data).to_bytes(8, "little") + data)  # framed: the parent reads it exactly
+            ok, reply = 0, repr(e).encode()
+        stdout.write(bytes([ok]) + len(reply).to_bytes(8, "little") + reply)
         stdout.flush()
 
 
@@ -433,13 +448,13 @@ def stop_plot_process() -> None:
         _PLOTTER = None
 
 
-def _draw_pngs(jobs: list[tuple[str, tuple[Any, ...]]]) -> list[bytes]:
+def _draw_pngs(jobs: list[tuple[str, Curves, float]]) -> list[bytes]:
     if _PLOTTER is not None:
         got = _PLOTTER.draw(jobs)
         if got is not None:
             return got
         stop_plot_process()
-    return [_DRAW[kind](*args) for kind, args in jobs]
+    return [_roc_png(curves, far) if kind == "roc" else _cmc_png(curves) for kind, curves, far in jobs]
 
 
 def write_report(
@@ -476,7 +491,7 @@ def write_report(
     # report.json last: its presence means the whole report is there (eval refuses to replace
     # it without --overwrite).
     _atomic_write(paths["md"], report_markdown(report).encode())
-    roc_png, cmc_png = _draw_pngs([("roc", (roc, far)), ("cmc", (cmc,))])
+    roc_png, cmc_png = _draw_pngs([("roc", roc, far), ("cmc", cmc, far)])
     _atomic_write(paths["roc"], roc_png)
     _atomic_write(paths["cmc"], cmc_png)
     _atomic_write(paths["json"], (json.dumps(_clean(report), indent=2, allow_nan=False) + "\n").encode())
