@@ -210,15 +210,14 @@ def _reuse_freed_memory() -> None:
     Set ``MALLOC_MMAP_THRESHOLD_`` to keep glibc's own choice.
     """
     import ctypes
-    import ctypes.util
     import os
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
+        # The symbols this process already has (libc among them): no library search, which
+        # runs ldconfig in a subprocess.
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except OSError:
         return
     if mallopt is None:  # not glibc (musl, macOS): nothing to tune
