@@ -34,7 +34,7 @@ def test_cpu_path_is_plain_float32_forward():
     model, x = _model_and_batch()
     ref, ref_flip = _reference(model, x, False), _reference(model, x, True)
     before = torch.get_num_threads()
-    emb = DeviceEmbedder([model], use_gpu=False)
+    emb = DeviceEmbedder([model], use_gpu=False, channels_last=False)
     try:
         assert emb.device.type == "cpu" and not emb.on_gpu
         assert torch.get_num_threads() == 1  # one actor per core
@@ -46,6 +46,40 @@ def test_cpu_path_is_plain_float32_forward():
         np.testing.assert_array_equal(emb.embed(emb.to_device(x), flip_sum=True), ref_flip)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+def test_cpu_path_runs_nhwc_by_default_with_the_same_features():
+    # The default layout is channels_last (NHWC): the conv weights and the batch on the device
+    # are NHWC in memory; the features equal the plain NCHW forward up to float rounding, for a
+    # contiguous NCHW array, the NHWC-strided array decode_images returns, and a mirrored view.
+    from unibct_ray.data.images import decode_images
+
+    model, x = _model_and_batch(2)
+    ref, ref_flip = _reference(model, x, False), _reference(model, x, True)
+    emb = DeviceEmbedder([model], use_gpu=False)
+    conv = next(m for m in emb.models[0].modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    t = emb.to_device(x)
+    assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    np.testing.assert_allclose(emb.embed(x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(emb.embed(x, flip_sum=True), ref_flip, rtol=1e-4, atol=1e-4)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # decode_images' layout
+    assert emb.to_device(nhwc).data_ptr() == torch.from_numpy(nhwc).data_ptr()  # no copy on the CPU
+    np.testing.assert_allclose(emb.embed(nhwc), ref, rtol=1e-4, atol=1e-4)
+    mirrored = x[:, :, :, ::-1]
+    np.testing.assert_allclose(emb.embed(mirrored), _reference(model, np.ascontiguousarray(mirrored), False),
+                               rtol=1e-4, atol=1e-4)
+    # decode_images' own output is already NHWC in memory.
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="PNG")
+    dec = decode_images([buf.getvalue()] * 2, 32)
+    assert torch.from_numpy(dec).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_cpu_path_uses_the_granted_cpus_as_threads():
@@ -84,6 +118,7 @@ def test_cuda_path_matches_cpu_to_fp16_precision():
     emb = DeviceEmbedder([model], use_gpu=True)
     assert emb.on_gpu and next(emb.models[0].parameters()).is_cuda
     assert emb.to_device(x).is_cuda
+    assert emb.to_device(x).is_contiguous(memory_format=torch.channels_last)  # pinned copy keeps NHWC
     got = emb.embed(x, flip_sum=True)
     assert got.dtype == np.float32
     assert _row_cosine(got, ref).min() > 0.999

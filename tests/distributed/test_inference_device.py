@@ -163,6 +163,28 @@ def test_piece_embedder_with_and_without_prefetch_writes_the_same_file(inputs, t
     np.testing.assert_allclose(feats, _reference_features(ckpt)[3:14], rtol=1e-5, atol=1e-5)
 
 
+def test_piece_batches_are_equal_cuts_across_row_groups(tmp_path):
+    """A piece is cut into ceil(rows / batch) batches of nearly one size, read across row-group
+    boundaries, in order, with nothing outside the piece."""
+    import pyarrow.parquet as pq
+
+    from unibct_ray.distributed.extract import Piece, PieceEmbedder
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"index": np.arange(100, 150, dtype=np.int64)}), path, row_group_size=7)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 8
+    actor = PieceEmbedder.__new__(PieceEmbedder)  # only the reader; no model
+    for start, stop, batch in [(3, 40, 8), (0, 50, 64), (7, 14, 7), (5, 6, 4), (13, 45, 16), (0, 49, 10)]:
+        actor.batch_size = batch
+        got = [t.column("index").to_numpy() for t in actor._batches(Piece(0, str(path), start, stop))]
+        rows = stop - start
+        k = -(-rows // batch)  # as few batches as the batch size allows ...
+        assert len(got) == k, (start, stop, batch)
+        sizes = [len(g) for g in got]
+        assert max(sizes) <= batch and max(sizes) - min(sizes) <= 1, sizes  # ... of one size, +-1
+        np.testing.assert_array_equal(np.concatenate(got), np.arange(100 + start, 100 + stop))
+
+
 def _ijbc_batch(d: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """A few 64 px faces on disk with 5 points near the template (x2), and the images."""
     from unibct_ray.data.landmarks import template_for_size

@@ -7,11 +7,18 @@ same cores:
   extraction of a run calls it (an actor pool; each actor reads its pieces of the Parquet
   files, decodes the next batch while it embeds one with one torch thread per whole CPU of
   ``--actor-cpus``, and writes a file per piece; the shard set is renamed into place);
-  Ray is started by the bench; by default one one-CPU actor per core (``--actors``,
-  ``--actor-cpus``).
-- **plain loop**: one process reads the same Parquet files with pyarrow, decodes with the same
-  ``decode_images`` and runs the backbone over batches of the same size with
-  ``torch.set_num_threads(cores)``.
+  Ray is started by the bench; by default one actor holding every core (``--actors``,
+  ``--actor-cpus``: on 2 cores it ran 0.96x the plain loop's whole call, two one-CPU actors
+  0.81-0.85x).
+- **plain loop**: a fresh Python process per call, as a user's script would run: it imports
+  torch, builds the backbone from the same weights, reads the same Parquet files with pyarrow,
+  decodes with the same ``decode_images`` and runs the backbone over batches of the same size
+  with ``torch.set_num_threads(cores)``, then saves the features. It runs in the same NHWC
+  (``channels_last``) memory format as an actor (``decode_images`` already lays its batches
+  out that way) and with the same heap setting (``unibct_ray.heap``: freed activations stay in
+  the heap). Its time is the process's, start to exit: like an actor, it pays for its start-up
+  and for touching its memory the first time (on this virtual machine a fresh process's first
+  ~1 GB of heap costs seconds).
 
 The rounds alternate (plain, actors, plain, actors, ...) so a shared machine slows both alike.
 Each contender is timed on two set sizes (``--images`` and ``--small-images``): the whole-call
@@ -39,14 +46,15 @@ DESCRIPTION = __doc__
 
 
 def plain_extract(shards: Path, model, size: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """One process: Parquet -> ``decode_images`` -> backbone in batches -> (index int64 [n],
-    features float32 [n, d]). Uses the caller's torch thread setting."""
+    """One process: Parquet -> ``decode_images`` -> backbone in batches (NHWC) -> (index int64
+    [n], features float32 [n, d]). Uses the caller's torch thread setting."""
     import pyarrow.parquet as pq
     import torch
 
     from unibct_ray.data.images import decode_images
     from unibct_ray.data.shards import read_manifest
 
+    model = model.to(memory_format=torch.channels_last)  # as DeviceEmbedder holds it
     index, feats = [], []
     for f in read_manifest(shards).files:
         table = pq.read_table(f, columns=["image", "index"])
@@ -54,9 +62,42 @@ def plain_extract(shards: Path, model, size: int, batch: int) -> tuple[np.ndarra
         for s in range(0, len(images), batch):
             x = decode_images(images[s:s + batch], size, None, keys=keys[s:s + batch])
             with torch.inference_mode():
-                feats.append(model(torch.from_numpy(x)).float().numpy())
+                t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)  # no copy: already NHWC
+                feats.append(model(t).float().numpy())
             index.append(keys[s:s + batch])
     return np.concatenate(index), np.concatenate(feats)
+
+
+#: The plain loop's process: argv = shards, weights (.pt), size, batch, threads, out (.npz).
+_PLAIN_MAIN = """
+import sys
+from pathlib import Path
+import numpy as np
+import torch
+from unibct_ray.bench.extract import plain_extract
+from unibct_ray.heap import keep_freed_memory
+from unibct_ray.models.iresnet import build_backbone
+keep_freed_memory()
+shards, weights, size, batch, threads, out = sys.argv[1:7]
+torch.set_num_threads(int(threads))
+saved = torch.load(weights, map_location="cpu", weights_only=True)
+model = build_backbone(**saved["model_spec"]).eval()
+model.load_state_dict(saved["state_dict"])
+index, feats = plain_extract(Path(shards), model, int(size), int(batch))
+np.savez(out, index=index, feats=feats)
+"""
+
+
+def _plain_process(shards: Path, weights: Path, size: int, batch: int, threads: int, out: Path
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Run :func:`plain_extract` in a fresh process (``sys.executable``) -> (index, features)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", _PLAIN_MAIN, str(shards), str(weights), str(size), str(batch),
+                    str(threads), str(out)], check=True)
+    with np.load(out) as z:
+        return z["index"], z["feats"]
 
 
 def _read_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +133,9 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
     spec = {"name": backbone, "embedding_size": embedding_size, "input_size": size}
     model = build_backbone(**spec).eval()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "weights.pt"
+    torch.save({"state_dict": state, "model_spec": spec}, weights)
 
     use_package_path()
     import ray
@@ -105,15 +149,11 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
     ensure_ray(num_cpus=max(4, 2 * cores, int(actors * actor_cpus) + 2))
     try:
         results: dict[str, np.ndarray] = {}
-        threads = torch.get_num_threads()
 
         def plain(n: int):
             def go() -> None:
-                torch.set_num_threads(cores)
-                try:
-                    results[f"plain-{n}"] = _by_index(*plain_extract(sets[n], model, size, batch))
-                finally:
-                    torch.set_num_threads(threads)
+                got = _plain_process(sets[n], weights, size, batch, cores, out / f"plain-{n}.npz")
+                results[f"plain-{n}"] = _by_index(*got)
             return go
 
         def actor_path(n: int):
@@ -168,7 +208,8 @@ def bench_extract(out: Path, images: int, small_images: int, size: int, backbone
     res["ok"] = res["same_features"]
     res["note"] = ("whole-call images/s at --images (best of the rounds); steady = per-image rate from the "
                    "difference between the two sizes, fixed_s = the rest of a call (actor start-up, "
-                   "the manifest); plain loop: torch.set_num_threads(cores), actors: one torch thread per whole CPU of --actor-cpus")
+                   "the manifest); plain loop: a fresh process per call (start to exit), torch.set_num_threads(cores); "
+                   "actors: one torch thread per whole CPU of --actor-cpus; both NHWC with freed memory kept in the heap")
     return res
 
 
@@ -184,9 +225,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64, help="images per forward pass (both contenders)")
     p.add_argument("--cores", type=int, default=None, help="cores to use (default: all of this machine's)")
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: --cores / --actor-cpus)")
-    p.add_argument("--actor-cpus", type=float, default=1.0,
+    p.add_argument("--actor-cpus", type=float, default=None,
                    help="CPUs per actor (extract_cpus of a config); an actor runs one torch thread per whole CPU "
-                        "it holds (--actor-cpus 2 --actors 1: one actor with the 2 cores' threads)")
+                        "it holds. Default: all --cores, i.e. one actor with every core's threads, the faster "
+                        "arrangement on a CPU node (--actor-cpus 1: one one-thread actor per core)")
     p.add_argument("--rows-per-shard", type=int, default=50_000,
                    help="rows per Parquet file (data convert's default). extract_features cuts files into "
                         "pieces of about a quarter of an actor's share, so a set of fewer files than actors "
@@ -199,7 +241,7 @@ def run(a: argparse.Namespace) -> dict:
     from unibct_ray.errors import UserError
 
     cores = a.cores or os.cpu_count() or 1
-    actor_cpus = float(a.actor_cpus)
+    actor_cpus = float(cores if a.actor_cpus is None else a.actor_cpus)
     if actor_cpus <= 0:
         raise UserError(f"--actor-cpus must be > 0, got {a.actor_cpus}")
     actors = a.actors or max(1, int(cores // actor_cpus))

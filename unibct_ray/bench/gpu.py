@@ -221,7 +221,7 @@ def plain_train(cfg, num_classes: int, batches: list, steps: int, warmup: int, d
 
 def plain_extract(model, batches: list, images: int, device) -> tuple[float, np.ndarray]:
     """The ceiling of the actor path: pre-decoded batches (cycled to ``images`` rows) through
-    ``model`` under fp16 autocast on CUDA (float32 on the CPU), features copied back to the
+    ``model`` in NHWC memory format, as the actors run it, under fp16 autocast on CUDA (float32 on the CPU), features copied back to the
     host each batch as an actor does -> (seconds, float32 features of the first ``len(batches)``
     batches, i.e. of the distinct images in row order)."""
     import contextlib
@@ -237,6 +237,7 @@ def plain_extract(model, batches: list, images: int, device) -> tuple[float, np.
     with torch.inference_mode(), amp:
         for i in range(n_batches):
             x = batches[i % len(batches)][0].to(device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)  # the actors' layout (DeviceEmbedder)
             f = model(x).float().cpu().numpy()  # the host copy waits for the kernels, as in an actor
             if i < len(batches):
                 first.append(f)
@@ -422,7 +423,7 @@ def bench_gpu(a: argparse.Namespace, device, sizes: dict[str, Any]) -> dict[str,
         if on_gpu:
             torch.backends.cudnn.benchmark = True  # as an extraction actor does: one batch shape
         model, _, _ = build_backbone_from_checkpoint(result.checkpoint)
-        model = model.to(device).eval()
+        model = model.to(device, memory_format=torch.channels_last).eval()  # as an actor holds it
         big = z["extract_images"]
         ext_batches = _decoded_batches(ext_dirs[big], z["distinct"], z["extract_batch"], z["size"], device)
         plain_extract(model, ext_batches, z["extract_batch"] * 2, device)  # warm-up: kernels, autotuning
