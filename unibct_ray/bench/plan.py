@@ -4,7 +4,9 @@
 
 Writes a small shard set of 112 px JPEGs, trains it on the real path (``train``: Ray Data
 decode -> one Ray Train worker, r18 by default) for a few steps, then extracts features with
-the trained checkpoint on one extraction actor (``extract_features``). A sampler polls every
+the trained checkpoint on one extraction actor (``extract_features``) from a second set of four
+full extraction batches (one actor gets four pieces of one batch each: the activations the
+estimate counts for a full batch are really allocated). A sampler polls every
 0.2 s the processes the raylet started and keeps, per process, the peak resident set (RSS)
 and unique set (USS: pages no other process maps). Prints, for the train worker and the
 extraction actor, the estimate of :func:`unibct_ray.plan.train_worker_memory` /
@@ -94,6 +96,8 @@ def run(a: argparse.Namespace) -> dict:
 
     rows = a.batch * a.steps
     src = _write_shards(a.out, rows, a.classes, a.image_size)
+    ext_rows = 4 * a.extract_batch  # four pieces of one full batch on one actor (plan_pieces)
+    ext_src = _write_shards(a.out, ext_rows, a.classes, a.image_size)
     storage = (a.out / "runs").resolve()
     shutil.rmtree(storage, ignore_errors=True)
     cfg = from_dict({"name": "bench-plan", "storage": str(storage), "num_workers": 1, "cpus_per_worker": 1,
@@ -118,7 +122,7 @@ def run(a: argparse.Namespace) -> dict:
             res = train(cfg)
             t_train = time.perf_counter() - t0
             t0 = time.perf_counter()
-            extract_features(str(src), a.out / "features", checkpoint=res.checkpoint, actors=1,
+            extract_features(str(ext_src), a.out / "features", checkpoint=res.checkpoint, actors=1,
                              batch_size=cfg.extract_batch, overwrite=True)
             t_extract = time.perf_counter() - t0
         worker, actor = s.peak("TrainWorker", "RayTrainWorker"), s.peak("PieceEmbedder")
@@ -135,6 +139,7 @@ def run(a: argparse.Namespace) -> dict:
     x_est = extract_actor_memory(cfg)
     return {"backbone": a.backbone, "image_size": a.image_size, "per_worker_batch": a.batch, "steps": a.steps,
             "extract_batch": a.extract_batch, "train_s": round(t_train, 1), "extract_s": round(t_extract, 1),
+            "extract_rows": ext_rows,
             "train_worker": side(w_est.host, worker), "train_worker_parts": w_est.parts,
             "extraction_actor": side(x_est.host, actor), "extraction_actor_parts": x_est.parts}
 
