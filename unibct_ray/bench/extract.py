@@ -96,7 +96,7 @@ def _plain_process(shards: Path, weights: Path, size: int, batch: int, threads: 
 
     subprocess.run([sys.executable, "-c", _PLAIN_MAIN, str(shards), str(weights), str(size), str(batch),
                     str(threads), str(out)], check=True)
-    with np.load(out) as z:
+    with np.load(out, allow_pickle=False) as z:
         return z["index"], z["feats"]
 
 
