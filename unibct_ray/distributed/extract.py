@@ -130,22 +130,16 @@ class PieceEmbedder:
         rows = piece.stop - piece.start
         k = max(1, -(-rows // self.batch_size))
         cuts = [piece.start + round(i * rows / k) for i in range(k + 1)]
-        groups, first = [], 0  # (row group, its first row)
-        for g in range(md.num_row_groups):
-            groups.append((g, first))
-            first += md.row_group(g).num_rows
+        starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
         held: pa.Table | None = None  # the row groups read so far that later batches still need
         held_start = held_stop = piece.start
-        gi = 0
+        g = int(np.searchsorted(starts, piece.start, side="right")) - 1  # the group holding the first row
         for lo, hi in zip(cuts, cuts[1:]):
             while held_stop < hi:  # read row groups until the batch is covered
-                g, g0 = groups[gi]
-                gi += 1
-                n = md.row_group(g).num_rows
-                if g0 + n <= held_stop:
-                    continue
+                g0, g1 = int(starts[g]), int(starts[g + 1])
                 t = pf.read_row_group(g)
-                a, b = max(held_stop, g0), min(piece.stop, g0 + n)
+                g += 1
+                a, b = max(held_stop, g0), min(piece.stop, g1)
                 t = t.slice(a - g0, b - a)
                 held = t if held is None else pa.concat_tables([held, t])
                 held_stop = b
